@@ -1,0 +1,133 @@
+"""Typed worker settings, read once from the environment at process start.
+
+Every variable carries the ``CAPTION_`` prefix. S3 credentials, region and endpoint follow
+boto3's own variables (``AWS_*``) and Hugging Face's follow its own (``HF_HOME``,
+``HF_HUB_OFFLINE``); they are not repeated here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated, Self
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "CAPTION_"
+DEFAULT_MODEL = "Qwen3-VL-32B-Instruct-SDNQ-uint4"
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Everything the worker, the producer client and the CLI read from the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+    )
+
+    # Broker and results.
+    broker_url: str = LOCAL_REDIS
+    result_backend: str = LOCAL_REDIS
+    queue: str = "captions"
+    result_expires_s: int = Field(86_400, ge=60)
+    # Redis: how long a reserved, unacknowledged task stays invisible to other workers.
+    visibility_timeout_s: int = Field(3_600, ge=5)
+    # How often a Redis worker looks for unacknowledged tasks of dead workers to restore.
+    unacked_restore_interval_s: float = Field(10.0, gt=0)
+    # Path to CA bundle for rediss:// URLs; certificates are always verified.
+    redis_ca_certs: str | None = None
+
+    # Model.
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    memory_mode: Literal["gpu", "balanced", "lowvram"] = "gpu"
+    auto_download: bool = True
+    device: str | None = None  # "cuda", "cuda:1" or "cpu"; None picks CUDA when present
+    engine_factory: str = "worker.engine:load_engine"
+
+    # Requests.
+    default_prompt: str = "Describe this image."
+    max_prompt_chars: int = Field(4_000, ge=1)
+    max_new_tokens_limit: int = Field(4_096, ge=1, le=32_768)
+    max_pixels: int = Field(1_048_576, ge=1_024)  # resize budget per image
+    min_pixels: int = Field(65_536, ge=1_024)
+    task_deadline_s: float = Field(600.0, gt=0)
+    visibility_margin_s: float = Field(60.0, ge=0)
+    max_deliveries: int = Field(3, ge=1)
+
+    # Batching.
+    max_batch: int = Field(32, ge=1, le=1_024)
+    batch_wait_ms: int = Field(50, ge=0)
+    batch_token_budget: int = Field(262_144, ge=1_024)
+    batch_pad_ratio: float = Field(2.0, ge=1.0)
+    concurrency: int | None = Field(None, ge=1)  # task threads; default max_batch + 4
+
+    # Images and storage.
+    allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    max_decoded_pixels: int = Field(100_000_000, ge=1)
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_connect_timeout_s: float = Field(5.0, gt=0)
+    s3_read_timeout_s: float = Field(30.0, gt=0)
+    s3_max_attempts: int = Field(4, ge=1)
+    storage_retries: int = Field(3, ge=0)
+    storage_retry_backoff_s: float = Field(2.0, ge=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(b.strip() for b in value.split(",") if b.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_pixels(self) -> Self:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("CAPTION_MIN_PIXELS must not exceed CAPTION_MAX_PIXELS")
+        return self
+
+    @property
+    def task_threads(self) -> int:
+        """Task threads per worker: enough to fill a batch while the next one downloads."""
+        return self.concurrency or self.max_batch + 4
+
+    def check_visibility_timeout(self) -> None:
+        """Refuse a Redis visibility timeout that would let a long task run twice."""
+        if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return
+        needed = self.task_deadline_s + self.visibility_margin_s
+        if self.visibility_timeout_s <= needed:
+            raise ConfigError(
+                f"CAPTION_VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} must exceed "
+                f"CAPTION_TASK_DEADLINE_S + CAPTION_VISIBILITY_MARGIN_S = {needed:g}: "
+                "otherwise Redis hands a still-running task to a second worker"
+            )
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+        parts.append(f"{name}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings() -> Settings:
+    """Read the environment into a fresh Settings, or raise ConfigError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use (at start) and never again."""
+    return load_settings()
