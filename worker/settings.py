@@ -8,11 +8,10 @@ boto3's own variables (``AWS_*``) and Hugging Face's follow its own (``HF_HOME``
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated, Self
 
 from worker.errors import ConfigError
 
@@ -48,6 +47,9 @@ class Settings(BaseSettings):
     auto_download: bool = True
     device: str | None = None  # "cuda", "cuda:1" or "cpu"; None picks CUDA when present
     engine_factory: str = "worker.engine:load_engine"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # SDNQ's int matmul path; measured slower than dequantize-then-matmul for decoding.
+    sdnq_quantized_matmul: bool = False
 
     # Requests.
     default_prompt: str = "Describe this image."

@@ -1,0 +1,217 @@
+"""Dynamic batching: one generate call for every compatible task that is waiting.
+
+Task threads announce themselves with ``expect()`` when they start downloading, then
+``submit()`` their prepared input and wait on a future. One batcher thread owns the model.
+It runs a batch as soon as the GPU is free and either the batch is full, no announced task
+is still preparing, or the oldest waiting task has waited ``wait_s``: a lone task is never
+held back longer than that, and a burst of tasks is not split by a download that is about
+to land.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from worker.engine import CaptionOutput, PreparedInput
+from worker.errors import CaptionFailed, CaptionTimeout
+
+log = logging.getLogger(__name__)
+
+
+class BatchModel(Protocol):
+    """What the batcher needs from an engine."""
+
+    @property
+    def oom_errors(self) -> tuple[type[BaseException], ...]: ...
+
+    def release_memory(self) -> None: ...
+
+    def generate(
+        self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
+    ) -> list[CaptionOutput]: ...
+
+
+@dataclass
+class _Pending:
+    item: PreparedInput
+    deadline: float
+    future: Future[CaptionOutput]
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How large a batch may grow."""
+
+    max_batch: int = 32
+    wait_s: float = 0.05
+    token_budget: int = 262_144  # padded (prompt + new) tokens per batch
+    pad_ratio: float = 2.0  # longest prompt / shortest prompt within a batch
+
+
+class Batcher:
+    """Collects prepared inputs from task threads and runs them in shared generate calls."""
+
+    def __init__(self, model: BatchModel, limits: BatchLimits) -> None:
+        self._model = model
+        self._limits = limits
+        self._cond = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._preparing = 0
+        self._running = False
+        self._thread: threading.Thread | None = None
+        # Lowered after an out-of-memory; the largest batch known to fit from then on.
+        self.batch_cap = limits.max_batch
+        self.batches_run = 0
+
+    def start(self) -> None:
+        """Start the batcher thread."""
+        with self._cond:
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="caption-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the thread."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @contextmanager
+    def expect(self) -> Iterator[None]:
+        """Mark a task as preparing an input, so a forming batch waits for it briefly."""
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
+    def submit(self, item: PreparedInput, deadline: float) -> Future[CaptionOutput]:
+        """Queue one prepared input; the future resolves to its caption or error."""
+        future: Future[CaptionOutput] = Future()
+        with self._cond:
+            if not self._running:
+                raise CaptionFailed("the worker is shutting down")
+            self._pending.append(_Pending(item, deadline, future))
+            self._cond.notify_all()
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._pending:
+                if not self._running:
+                    return None
+                self._cond.wait()
+            oldest = self._pending[0].arrived
+            # Wait for announced tasks to land while there is room, bounded by wait_s.
+            while (
+                self._running
+                and self._preparing > 0
+                and len(self._pending) < self.batch_cap
+                and (left := oldest + self._limits.wait_s - time.monotonic()) > 0
+            ):
+                self._cond.wait(left)
+            batch = self._select()
+            for entry in batch:
+                self._pending.remove(entry)
+            return batch
+
+    def _select(self) -> list[_Pending]:
+        """The oldest task plus the compatible tasks closest to it in prompt length."""
+        now = time.monotonic()
+        live = []
+        for entry in self._pending:
+            if entry.future.cancelled():
+                continue
+            if entry.deadline <= now:
+                _fail(
+                    entry, CaptionTimeout("the task deadline passed while it waited for the model")
+                )
+                continue
+            live.append(entry)
+        self._pending = live
+        if not live:
+            return []
+        first = live[0]
+        same = [e for e in live[1:] if e.item.options == first.item.options]
+        same.sort(key=lambda e: (abs(e.item.prompt_tokens - first.item.prompt_tokens), e.arrived))
+        chosen = [first]
+        shortest = longest = first.item.prompt_tokens
+        most_new = first.item.max_new_tokens
+        for entry in same:
+            if len(chosen) >= self.batch_cap:
+                break
+            lo = min(shortest, entry.item.prompt_tokens)
+            hi = max(longest, entry.item.prompt_tokens)
+            new = max(most_new, entry.item.max_new_tokens)
+            if hi > self._limits.pad_ratio * lo:
+                continue  # this bucket would waste too much on padding
+            if (hi + new) * (len(chosen) + 1) > self._limits.token_budget:
+                continue
+            chosen.append(entry)
+            shortest, longest, most_new = lo, hi, new
+        return chosen
+
+    def _run(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        try:
+            outputs = self._model.generate([e.item for e in batch], [e.deadline for e in batch])
+        except self._model.oom_errors as exc:
+            self._model.release_memory()
+            if len(batch) == 1:
+                _fail(batch[0], CaptionFailed(f"out of memory even as a batch of one: {exc}"))
+                return
+            half = len(batch) // 2
+            self.batch_cap = min(self.batch_cap, half)
+            log.warning("out of memory at batch %d; splitting, new cap %d", len(batch), half)
+            self._run(batch[:half])
+            self._run(batch[half:])
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("generate failed for one task")
+                _fail(batch[0], CaptionFailed(f"the model failed: {exc!r}"))
+                return
+            # Run each alone so one bad input cannot fail its neighbours.
+            log.warning("generate failed for a batch of %d (%r); isolating", len(batch), exc)
+            for entry in batch:
+                self._run([entry])
+            return
+        self.batches_run += 1
+        for entry, output in zip(batch, outputs, strict=True):
+            if entry.future.done():
+                continue  # the task thread gave up on it
+            if output.finish_reason == "timeout":
+                _fail(
+                    entry,
+                    CaptionTimeout(
+                        f"captioning passed the task deadline ({output.seconds:.1f}s in the model)"
+                    ),
+                )
+            else:
+                entry.future.set_result(output)
+
+
+def _fail(entry: _Pending, exc: BaseException) -> None:
+    if not entry.future.done():
+        entry.future.set_exception(exc)

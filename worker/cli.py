@@ -1,0 +1,235 @@
+"""``caption-worker``: run workers, submit tasks, caption locally, benchmark, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from worker.errors import CaptionError
+from worker.settings import load_settings
+
+app = typer.Typer(
+    help="Caption images in S3 with SDNQ-quantized Qwen3-VL on Celery workers.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+    return typer.Exit(code)
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices this host offers: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+@app.command()
+def worker(
+    gpus: Annotated[
+        str | None, typer.Option(help="Comma-separated GPU indices (default: all visible).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the worker commands and exit.")] = False,
+) -> None:
+    """Start one Celery worker process per visible GPU (or one CPU worker)."""
+    from worker.devstack import worker_command
+
+    try:
+        settings = load_settings()
+        settings.check_visibility_timeout()
+    except CaptionError as exc:
+        raise _fail(exc, 2) from None
+    devices = [g for g in gpus.split(",") if g] if gpus is not None else visible_gpus()
+    plan: list[tuple[str, dict[str, str]]] = []
+    if devices:
+        for gpu in devices:
+            env = {"CUDA_VISIBLE_DEVICES": gpu}
+            plan.append((f"gpu{gpu}@%h", env))
+    else:
+        plan.append(("cpu@%h", {"CUDA_VISIBLE_DEVICES": ""}))
+    commands = [
+        (worker_command(settings.queue, node, settings.log_level), env) for node, env in plan
+    ]
+    if dry_run:
+        for cmd, env in commands:
+            prefix = " ".join(f"{k}={v}" for k, v in env.items())
+            typer.echo(f"{prefix} {' '.join(cmd)}")
+        return
+    procs = [subprocess.Popen(cmd, env={**os.environ, **env}) for cmd, env in commands]
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    # One GPU worker failing means the host is degraded: stop the rest so the supervisor
+    # (compose, Kubernetes, systemd) restarts the whole unit.
+    code = 0
+    while any(p.poll() is None for p in procs):
+        for proc in procs:
+            if proc.poll() not in (None, 0) and code == 0:
+                code = proc.returncode
+                forward(signal.SIGTERM, None)
+        time.sleep(0.5)
+    codes = [p.returncode for p in procs]
+    raise typer.Exit(code or max(codes, key=abs))
+
+
+@app.command()
+def submit(
+    image: Annotated[str, typer.Argument(help="s3://bucket/key of the image.")],
+    prompt: Annotated[str | None, typer.Option(help="Instruction for the model.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Caption length cap.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the caption and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600,
+) -> None:
+    """Enqueue a caption task; print its id, or its result with --wait."""
+    from worker.client import CaptionClient
+
+    options: dict[str, Any] = {}
+    if prompt is not None:
+        options["prompt"] = prompt
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    client = CaptionClient(load_settings())
+    try:
+        task_id = client.submit(image, **options)
+        if not wait:
+            typer.echo(task_id)
+            return
+        _print_json({"id": task_id, **client.result(task_id, timeout=timeout)})
+    except Exception as exc:
+        raise _fail(exc) from None
+    finally:
+        client.close()
+
+
+@app.command()
+def status(task_id: str) -> None:
+    """Print a task's state (QUEUED, STARTED, SUCCESS, FAILURE, UNKNOWN, ...)."""
+    from dataclasses import asdict
+
+    from worker.client import CaptionClient
+
+    client = CaptionClient(load_settings())
+    try:
+        _print_json(asdict(client.status(task_id)))
+    finally:
+        client.close()
+
+
+@app.command()
+def caption(
+    source: Annotated[str, typer.Argument(help="A local image file or s3://bucket/key.")],
+    prompt: Annotated[str | None, typer.Option(help="Instruction for the model.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Caption length cap.")] = 512,
+) -> None:
+    """Caption one image in this process, with no broker: try a model locally."""
+    from worker.local import caption_locally
+
+    try:
+        _print_json(caption_locally(load_settings(), source, prompt, max_new_tokens))
+    except CaptionError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def models() -> None:
+    """List the model catalogue; the worker serves the text-output entries."""
+    from worker.registry import CATALOGUE
+
+    for entry in sorted(CATALOGUE, key=lambda e: -e.priority):
+        mark = "serves" if entry.output_type == "text" else "refuses"
+        typer.echo(
+            f"{entry.name}\n  repo {entry.repo_id}  output {entry.output_type} ({mark})  "
+            f"quant {entry.quant_level}  priority {entry.priority}\n  {entry.description}"
+        )
+
+
+@app.command("tiny-model")
+def tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Where to write the model.")],
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
+) -> None:
+    """Write a tiny random SDNQ Qwen3-VL that loads like a hub repo (smoke tests)."""
+    os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
+    from worker.tiny_model import build_tiny_model
+
+    typer.echo(str(build_tiny_model(directory, seed=seed)))
+
+
+@app.command()
+def demo(
+    image: Annotated[
+        Path | None, typer.Option(help="Image to caption (default: a generated one).")
+    ] = None,
+) -> None:
+    """End to end on this machine: S3 + worker + tiny model unless configured otherwise."""
+    from worker.demo import run_demo
+
+    try:
+        _print_json(run_demo(image))
+    except CaptionError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def bench(
+    mode: Annotated[str, typer.Option(help="engine, path, or all.")] = "all",
+    tasks: Annotated[int, typer.Option(help="Images per measurement.")] = 32,
+    max_batch: Annotated[int, typer.Option(help="Batch size for the batched runs.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Generated tokens per image (fixed).")] = 32,
+    image_px: Annotated[int, typer.Option(help="Side of the square test images.")] = 256,
+    random_shape: Annotated[
+        str | None, typer.Option(help="4b, 8b or 32b: random weights of a real shape (GPU).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option(help="Also write the figures here.")] = None,
+) -> None:
+    """Measure images/s one-at-a-time against batched, engine-only and through the queue."""
+    from worker.bench import BenchConfig, run_bench
+
+    config = BenchConfig(mode, tasks, max_batch, new_tokens, image_px, random_shape)
+    report = run_bench(config)
+    _print_json(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="caption-worker")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

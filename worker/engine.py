@@ -1,0 +1,341 @@
+"""The model: load an SDNQ-quantized Qwen3-VL once, prepare inputs, caption batches.
+
+``prepare`` runs in task threads (tokenising and image preprocessing overlap the GPU);
+``generate`` runs only in the batcher thread, which owns the model. Inputs are prepared one
+row at a time and collated with left padding, which gives the same tensors as processing
+the batch at once and keeps greedy captions identical at any batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Literal
+
+from worker.errors import CaptionFailed, ModelLoadError
+from worker.registry import ResolvedModel, resolve_model
+from worker.request import GenerationOptions
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "timeout"]
+PATCH_PIXELS = 32 * 32  # Qwen3-VL: one image token per 32x32 pixels after the 2x2 merge
+
+
+@dataclass
+class PreparedInput:
+    """One task's model input, ready to be collated into a batch."""
+
+    tensors: dict[str, Any]  # one row each; sequence tensors are (1, prompt_tokens)
+    prompt_tokens: int
+    image_size: tuple[int, int]  # (width, height) the model sees
+    max_new_tokens: int
+    options: GenerationOptions
+
+
+@dataclass
+class CaptionOutput:
+    """One row of a generate call."""
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: FinishReason
+    seconds: float
+    batch_size: int
+
+
+@dataclass
+class Engine:
+    """A loaded model and processor, plus what results report about them."""
+
+    model: Any
+    processor: Any
+    resolved: ResolvedModel
+    device: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        """Exceptions that mean "this batch does not fit": the batcher splits on them."""
+        import torch
+
+        return (torch.OutOfMemoryError,)
+
+    def release_memory(self) -> None:
+        """Return cached blocks to the allocator after an out-of-memory."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def prepare(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        max_new_tokens: int,
+        options: GenerationOptions,
+        max_pixels: int,
+        min_pixels: int,
+    ) -> PreparedInput:
+        """Tokenise the chat prompt and preprocess the image for one task (any thread)."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        text = self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        encoded = self.processor(
+            text=[text],
+            images=[image],
+            return_tensors="pt",
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        )
+        tensors = dict(encoded)
+        grid = tensors["image_grid_thw"][0]
+        patch = int(self.processor.image_processor.patch_size)
+        size = (int(grid[2]) * patch, int(grid[1]) * patch)
+        return PreparedInput(
+            tensors=tensors,
+            prompt_tokens=int(tensors["input_ids"].shape[1]),
+            image_size=size,
+            max_new_tokens=max_new_tokens,
+            options=options,
+        )
+
+    def generate(
+        self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
+    ) -> list[CaptionOutput]:
+        """Caption a batch whose rows share generation options (batcher thread only).
+
+        ``deadlines`` are ``time.monotonic()`` values per row; a row past its deadline stops
+        generating and comes back with finish_reason "timeout".
+        """
+        import torch
+        from transformers import StoppingCriteriaList
+
+        if not batch:
+            return []
+        options = batch[0].options
+        if any(item.options != options for item in batch):
+            raise CaptionFailed("internal error: a batch mixed generation options")
+        inputs = collate([item.tensors for item in batch], self._pad_id).to(self.model.device)
+        max_new = max(item.max_new_tokens for item in batch)
+        stop = _Deadlines(deadlines) if deadlines is not None else None
+        kwargs = options.generate_kwargs()
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new,
+                pad_token_id=self._pad_id,
+                stopping_criteria=StoppingCriteriaList([stop]) if stop else None,
+                **kwargs,
+            )
+        seconds = time.perf_counter() - started
+        new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
+        timed_out = stop.expired if stop else [False] * len(batch)
+        return [
+            self._row(tokens, item, timed_out[i], seconds, len(batch))
+            for i, (tokens, item) in enumerate(zip(new_tokens, batch, strict=True))
+        ]
+
+    def _row(
+        self, tokens: list[int], item: PreparedInput, timed_out: bool, seconds: float, n: int
+    ) -> CaptionOutput:
+        tokens = tokens[: item.max_new_tokens]
+        stop_at = next((i for i, t in enumerate(tokens) if t in self._eos_ids), None)
+        if stop_at is not None:
+            kept, reason, generated = tokens[:stop_at], "stop", stop_at + 1
+        else:
+            kept = [t for t in tokens if t != self._pad_id]
+            generated = len(kept)
+            reason = "length" if generated >= item.max_new_tokens else "stop"
+        finish: FinishReason = "timeout" if timed_out and reason != "stop" else reason
+        text = self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return CaptionOutput(text, item.prompt_tokens, generated, finish, seconds, n)
+
+    @property
+    def _pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad)
+
+    @property
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return {int(i) for i in ids if i is not None} | {int(self.processor.tokenizer.eos_token_id)}
+
+    def warm_up(self) -> CaptionOutput:
+        """Caption one small image so readiness means the model really answers."""
+        from PIL import Image
+
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        item = self.prepare(
+            image,
+            "Describe this image.",
+            max_new_tokens=1,
+            options=GenerationOptions(),
+            max_pixels=PATCH_PIXELS * 64,
+            min_pixels=PATCH_PIXELS * 4,
+        )
+        return self.generate([item])[0]
+
+
+def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> Any:
+    """Stack per-task encodings into one batch: left-pad token rows, concat image rows."""
+    import torch
+    from transformers import BatchFeature
+
+    length = max(int(r["input_ids"].shape[1]) for r in rows)
+    batch: dict[str, Any] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if values[0].dim() == 2 and values[0].shape[1] == rows[0]["input_ids"].shape[1]:
+            fill = pad_id if key == "input_ids" else 0
+            padded = [
+                torch.nn.functional.pad(v, (length - v.shape[1], 0), value=fill) for v in values
+            ]
+            batch[key] = torch.cat(padded, dim=0)
+        else:
+            batch[key] = torch.cat(values, dim=0)
+    return BatchFeature(batch)
+
+
+class _Deadlines:
+    """A per-row stopping criterion: rows past their deadline stop generating."""
+
+    def __init__(self, deadlines: Sequence[float]) -> None:
+        self.deadlines = list(deadlines)
+        self.expired = [False] * len(self.deadlines)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        import torch
+
+        now = time.monotonic()
+        self.expired = [e or now >= d for e, d in zip(self.expired, self.deadlines, strict=True)]
+        return torch.tensor(self.expired, dtype=torch.bool, device=input_ids.device)
+
+
+def _dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def placement(settings: Settings, cuda_available: bool) -> tuple[str, dict[str, Any]]:
+    """The execution device and ``from_pretrained`` placement kwargs for a memory mode."""
+    device = settings.device or ("cuda:0" if cuda_available else "cpu")
+    if device == "cuda":
+        device = "cuda:0"
+    if device.startswith("cpu") or settings.memory_mode == "gpu":
+        return device, {"device_map": {"": device}}
+    if settings.memory_mode == "balanced":
+        # accelerate spreads layers over every visible GPU and spills the rest to CPU RAM.
+        return device, {"device_map": "auto"}
+    # lowvram: weights stay in CPU RAM and stream to the GPU layer by layer (see load_engine).
+    return device, {"device_map": {"": "cpu"}}
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("torch", "transformers", "sdnq", "accelerate"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load the configured model and processor once; raise ModelLoadError on any failure."""
+    resolved = resolve_model(settings.model)
+    started = time.perf_counter()
+    import torch
+
+    try:
+        import sdnq  # noqa: F401  (registers quant_method "sdnq" with transformers)
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device, where = placement(settings, torch.cuda.is_available())
+        common: dict[str, Any] = {
+            "revision": settings.revision,
+            "local_files_only": resolved.is_local or not settings.auto_download,
+        }
+        model = AutoModelForImageTextToText.from_pretrained(
+            resolved.source,
+            dtype=_dtype(settings.dtype),
+            attn_implementation=settings.attn_implementation,
+            **where,
+            **common,
+        )
+        if settings.memory_mode == "lowvram" and device.startswith("cuda"):
+            from accelerate import cpu_offload
+
+            cpu_offload(model, execution_device=torch.device(device))
+        if settings.sdnq_quantized_matmul:
+            from sdnq.loader import apply_sdnq_options_to_model
+
+            model = apply_sdnq_options_to_model(model, use_quantized_matmul=True)
+        model.eval()
+        processor = AutoProcessor.from_pretrained(resolved.source, **common)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"out of memory loading {resolved.name} ({settings.dtype}, memory_mode="
+            f"{settings.memory_mode}); try CAPTION_MEMORY_MODE=balanced or lowvram: {exc}"
+        ) from None
+    except OSError as exc:
+        hint = (
+            " CAPTION_AUTO_DOWNLOAD is off and the files are not in the local Hugging Face "
+            f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})."
+            if not settings.auto_download and not resolved.is_local
+            else ""
+        )
+        raise ModelLoadError(f"cannot load model {resolved.name}:{hint} {exc}") from None
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {resolved.name}: {exc!r}") from None
+    quant = getattr(model.config, "quantization_config", None)
+    quant_dict = quant if isinstance(quant, dict) else getattr(quant, "to_dict", dict)()
+    provenance = {
+        "model_source": resolved.source,
+        "revision": getattr(model.config, "_commit_hash", None) or settings.revision,
+        "quantization": {
+            # quant_method is an Enum in transformers; results must stay plain JSON.
+            k: str(getattr(quant_dict[k], "value", quant_dict[k]))
+            if k == "quant_method"
+            else quant_dict[k]
+            for k in ("quant_method", "weights_dtype", "use_svd", "svd_rank")
+            if k in quant_dict
+        },
+        "dtype": settings.dtype,
+        "device": device,
+        "versions": _versions(),
+    }
+    engine = Engine(model, processor, resolved, device, provenance)
+    log.info(
+        "model loaded: %s from %s on %s in %.1fs (pid %d)",
+        resolved.name,
+        resolved.source,
+        device,
+        time.perf_counter() - started,
+        os.getpid(),
+    )
+    return engine

@@ -1,0 +1,127 @@
+"""Validation of a caption task's keyword arguments against the task contract.
+
+Producers call ``send_task("caption", kwargs={...})`` from any codebase, so arguments arrive
+as plain JSON values. Everything is checked strictly here (no "512" for 512, no unknown
+keys) so a bad request fails at once with ``InvalidRequest`` instead of deep in the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.errors import InvalidRequest
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling options; tasks whose options are equal can share one generate call."""
+
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``; greedy unless sampling was asked for."""
+        kwargs: dict[str, Any] = {"do_sample": self.do_sample}
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.do_sample:
+            for name in ("temperature", "top_p", "top_k"):
+                value = getattr(self, name)
+                if value is not None:
+                    kwargs[name] = value
+        else:
+            # Neutralise sampling defaults from the checkpoint's generation_config, which
+            # otherwise make transformers warn on every greedy call.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """A validated caption task."""
+
+    image: str  # as given: an s3:// URI for tasks, a file path for local captions
+    prompt: str
+    max_new_tokens: int
+    model: str | None
+    options: GenerationOptions
+    max_pixels: int
+
+
+class _Kwargs(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    image: str
+    prompt: str | None = None
+    max_new_tokens: int = Field(512, ge=1)
+    model: str | None = None
+    do_sample: bool = False
+    temperature: float | None = Field(None, gt=0, le=10)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_pixels: int | None = Field(None, ge=1_024)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "kwargs"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown argument {where!r}")
+        else:
+            parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_request(kwargs: dict[str, Any], settings: Settings) -> CaptionRequest:
+    """Validate raw task kwargs, applying the worker's defaults and limits."""
+    try:
+        raw = _Kwargs.model_validate(kwargs)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid caption request: {_describe(exc)}") from None
+    prompt = settings.default_prompt if raw.prompt is None else raw.prompt
+    if not prompt.strip():
+        raise InvalidRequest("invalid caption request: prompt is empty")
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"invalid caption request: prompt has {len(prompt)} characters, "
+            f"the limit is {settings.max_prompt_chars}"
+        )
+    if raw.max_new_tokens > settings.max_new_tokens_limit:
+        raise InvalidRequest(
+            f"invalid caption request: max_new_tokens={raw.max_new_tokens} exceeds "
+            f"the limit of {settings.max_new_tokens_limit}"
+        )
+    max_pixels = settings.max_pixels if raw.max_pixels is None else raw.max_pixels
+    if max_pixels > settings.max_pixels:
+        raise InvalidRequest(
+            f"invalid caption request: max_pixels={max_pixels} exceeds this worker's "
+            f"limit of {settings.max_pixels}"
+        )
+    options = GenerationOptions(
+        do_sample=raw.do_sample,
+        temperature=raw.temperature,
+        top_p=raw.top_p,
+        top_k=raw.top_k,
+        repetition_penalty=raw.repetition_penalty,
+        # A seed only matters when sampling; dropping it keeps greedy tasks batchable.
+        seed=raw.seed if raw.do_sample else None,
+    )
+    return CaptionRequest(
+        image=raw.image,
+        prompt=prompt,
+        max_new_tokens=raw.max_new_tokens,
+        model=raw.model,
+        options=options,
+        max_pixels=max(max_pixels, settings.min_pixels),
+    )
