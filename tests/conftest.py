@@ -13,7 +13,7 @@ import pytest
 # sdnq's import-time torch.compile self-test costs ~20 s on a CPU and tests no feature here.
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 
-from worker.devstack import LoopbackS3  # noqa: E402
+from worker.devstack import LoopbackS3
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ app.autodiscover_tasks(["worker"], related_name="tasks", force=True)
 EXIT_START_FAILED = 3
 
 
-@celeryd_after_setup.connect
+@celeryd_after_setup.connect  # type: ignore[untyped-decorator]
 def _start(sender: Any = None, **_: Any) -> None:
     name = sender if isinstance(sender, str) else socket.gethostname()
     try:
@@ -47,6 +47,6 @@ def _start(sender: Any = None, **_: Any) -> None:
         raise SystemExit(EXIT_START_FAILED) from None
 
 
-@worker_shutdown.connect
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _stop(**_: Any) -> None:
     lifecycle.stop()

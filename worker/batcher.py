@@ -70,6 +70,8 @@ class Batcher:
         # Lowered after an out-of-memory; the largest batch known to fit from then on.
         self.batch_cap = limits.max_batch
         self.batches_run = 0
+        # monotonic start of the generate call in progress, for the hang watchdog.
+        self.busy_since: float | None = None
 
     def start(self) -> None:
         """Start the batcher thread."""
@@ -197,6 +199,8 @@ class Batcher:
             for entry in batch:
                 self._run([entry])
             return
+        finally:
+            self.busy_since = None
         self.batches_run += 1
         for entry, output in zip(batch, outputs, strict=True):
             if entry.future.done():

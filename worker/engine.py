@@ -150,25 +150,36 @@ class Engine:
                 **kwargs,
             )
         seconds = time.perf_counter() - started
-        new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
-        timed_out = stop.expired if stop else [False] * len(batch)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        new_tokens = out[:, prompt_len:].tolist()
+        # New tokens a row had when its deadline struck (None: it never expired).
+        cut = [None if n is None else n - prompt_len for n in stop.expired_at] if stop else None
+        eos = self._eos_ids
         return [
-            self._row(tokens, item, timed_out[i], seconds, len(batch))
+            self._row(tokens, item, eos, cut[i] if cut else None, seconds, len(batch))
             for i, (tokens, item) in enumerate(zip(new_tokens, batch, strict=True))
         ]
 
     def _row(
-        self, tokens: list[int], item: PreparedInput, timed_out: bool, seconds: float, n: int
+        self,
+        tokens: list[int],
+        item: PreparedInput,
+        eos: set[int],
+        expired_after: int | None,
+        seconds: float,
+        n: int,
     ) -> CaptionOutput:
         tokens = tokens[: item.max_new_tokens]
-        stop_at = next((i for i, t in enumerate(tokens) if t in self._eos_ids), None)
-        if stop_at is not None:
-            kept, reason, generated = tokens[:stop_at], "stop", stop_at + 1
+        stop_at = next((i for i, t in enumerate(tokens) if t in eos), None)
+        finish: FinishReason
+        if stop_at is not None and (expired_after is None or stop_at < expired_after):
+            kept, generated, finish = tokens[:stop_at], stop_at + 1, "stop"
+        elif expired_after is not None and expired_after < item.max_new_tokens:
+            kept = tokens[:expired_after]
+            generated, finish = len(kept), "timeout"
         else:
-            kept = [t for t in tokens if t != self._pad_id]
-            generated = len(kept)
-            reason = "length" if generated >= item.max_new_tokens else "stop"
-        finish: FinishReason = "timeout" if timed_out and reason != "stop" else reason
+            kept = tokens if stop_at is None else tokens[:stop_at]
+            generated, finish = len(kept), "length"
         text = self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
         return CaptionOutput(text, item.prompt_tokens, generated, finish, seconds, n)
 
@@ -221,18 +232,27 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> Any:
 
 
 class _Deadlines:
-    """A per-row stopping criterion: rows past their deadline stop generating."""
+    """A per-row stopping criterion: rows past their deadline stop generating.
+
+    It records the sequence length at which each row expired, because a stopped row is
+    then padded with the pad token, which for Qwen is also an end-of-sequence token.
+    """
 
     def __init__(self, deadlines: Sequence[float]) -> None:
         self.deadlines = list(deadlines)
-        self.expired = [False] * len(self.deadlines)
+        self.expired_at: list[int | None] = [None] * len(self.deadlines)
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         import torch
 
         now = time.monotonic()
-        self.expired = [e or now >= d for e, d in zip(self.expired, self.deadlines, strict=True)]
-        return torch.tensor(self.expired, dtype=torch.bool, device=input_ids.device)
+        length = int(input_ids.shape[1])
+        self.expired_at = [
+            at if at is not None else (length if now >= d else None)
+            for at, d in zip(self.expired_at, self.deadlines, strict=True)
+        ]
+        expired = [at is not None for at in self.expired_at]
+        return torch.tensor(expired, dtype=torch.bool, device=input_ids.device)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -295,8 +315,8 @@ def load_engine(settings: Settings) -> Engine:
             from sdnq.loader import apply_sdnq_options_to_model
 
             model = apply_sdnq_options_to_model(model, use_quantized_matmul=True)
-        model.eval()
-        processor = AutoProcessor.from_pretrained(resolved.source, **common)
+        model.eval()  # type: ignore[no-untyped-call]
+        processor = AutoProcessor.from_pretrained(resolved.source, **common)  # type: ignore[no-untyped-call]
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(
             f"out of memory loading {resolved.name} ({settings.dtype}, memory_mode="

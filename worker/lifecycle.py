@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from worker.settings import Settings
 from worker.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+
+EXIT_HUNG = 4
 
 
 class State(enum.Enum):
@@ -91,6 +94,9 @@ class Lifecycle:
             self._service = CaptionService(
                 settings, engine, ObjectStore(settings), batcher, worker_name
             )
+            threading.Thread(
+                target=self._watchdog, args=(batcher, settings), name="hang-watchdog", daemon=True
+            ).start()
         except BaseException:
             self._to(State.DEFUNCT)
             raise
@@ -103,6 +109,22 @@ class Lifecycle:
             time.perf_counter() - started,
         )
         return self._service
+
+    def _watchdog(self, batcher: Batcher, settings: Settings) -> None:
+        """Exit the process when one generate call outlives every deadline in it.
+
+        Rows stop at their deadline between decode steps, so only a stuck step can run
+        this long; no thread can interrupt it, but a new process can take the tasks.
+        """
+        limit = settings.task_deadline_s + settings.hang_grace_s
+        while self.state in (State.STARTING, State.READY):
+            since = batcher.busy_since
+            if since is not None and time.monotonic() - since > limit:
+                self.state = State.DEFUNCT
+                log.critical("a generate call has run for over %.0fs: exiting", limit)
+                logging.shutdown()
+                os._exit(EXIT_HUNG)
+            time.sleep(min(5.0, limit / 10))
 
     def stop(self) -> None:
         """Let queued captions finish, then stop the batcher."""

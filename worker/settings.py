@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     task_deadline_s: float = Field(600.0, gt=0)
     visibility_margin_s: float = Field(60.0, ge=0)
     max_deliveries: int = Field(3, ge=1)
+    # A generate call this long past the task deadline is hung (a stuck kernel or driver):
+    # the process exits so its unacknowledged tasks go to a healthy worker.
+    hang_grace_s: float = Field(120.0, gt=0)
 
     # Batching.
     max_batch: int = Field(32, ge=1, le=1_024)

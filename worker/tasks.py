@@ -43,7 +43,7 @@ def _stored_success(task: Task) -> Any:
     return None
 
 
-@shared_task(name="caption", bind=True)
+@shared_task(name="caption", bind=True)  # type: ignore[untyped-decorator]
 def caption(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Caption ``kwargs["image"]``; see the task contract in the README."""
     service = lifecycle.service
