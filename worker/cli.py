@@ -208,7 +208,7 @@ def bench(
     mode: Annotated[str, typer.Option(help="engine, path, or all.")] = "all",
     tasks: Annotated[int, typer.Option(help="Images per measurement.")] = 32,
     max_batch: Annotated[int, typer.Option(help="Batch size for the batched runs.")] = 32,
-    new_tokens: Annotated[int, typer.Option(help="Generated tokens per image (fixed).")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Generated tokens per image (fixed).")] = 128,
     image_px: Annotated[int, typer.Option(help="Side of the square test images.")] = 256,
     random_shape: Annotated[
         str | None, typer.Option(help="4b, 8b or 32b: random weights of a real shape (GPU).")

@@ -109,7 +109,6 @@ class LoopbackS3:
         self.stop()
 
 
-READY_LINE = "caption worker ready"
 
 
 def worker_command(queue: str, node: str, log_level: str = "INFO") -> list[str]:
@@ -126,13 +125,15 @@ class WorkerProcess:
     """A real ``celery worker`` process running the caption app, with its log in a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, node: str = "caption@%h") -> None:
-        self.env = {**os.environ, **env}
+        self.ready_file = log_path.with_name(log_path.name + ".ready")
+        self.env = {**os.environ, "CAPTION_READY_FILE": str(self.ready_file), **env}
         self.log_path = log_path
         self.node = node
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         """Start the process (the model loads in it before it consumes)."""
+        self.ready_file.unlink(missing_ok=True)
         queue = self.env.get("CAPTION_QUEUE", "captions")
         level = self.env.get("CAPTION_LOG_LEVEL", "INFO")
         with open(self.log_path, "ab") as log:
@@ -153,11 +154,11 @@ class WorkerProcess:
             return ""
 
     def wait_ready(self, timeout_s: float = 120) -> WorkerProcess:
-        """Block until the worker logs that it is ready; raise with its log if it died."""
+        """Block until the worker's ready file appears; raise with its log if it died."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if READY_LINE in self.log():
+            if self.ready_file.exists():
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(

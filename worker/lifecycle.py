@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 from worker.batcher import Batcher, BatchLimits
@@ -101,6 +102,8 @@ class Lifecycle:
             self._to(State.DEFUNCT)
             raise
         self._to(State.READY)
+        if settings.ready_file:
+            Path(settings.ready_file).write_text(f"{worker_name} {engine.name}\n")
         log.info(
             "caption worker ready: %s, model %s, max batch %d, started in %.1fs",
             worker_name,
@@ -132,6 +135,8 @@ class Lifecycle:
             return
         self._to(State.STOPPING)
         if self._service is not None:
+            if self._service.settings.ready_file:
+                Path(self._service.settings.ready_file).unlink(missing_ok=True)
             self._service.batcher.stop(timeout=self._service.settings.task_deadline_s)
         self._to(State.STOPPED)
         log.info("caption worker stopped")

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     storage_retry_backoff_s: float = Field(2.0, ge=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Written once the model has answered a warm-up caption, removed at shutdown: a
+    # readiness probe for orchestrators (``test -f``) and the test harness.
+    ready_file: str | None = None
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod

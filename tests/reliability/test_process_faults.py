@@ -1,0 +1,354 @@
+"""Process faults with real workers: "nothing lost, nothing run twice".
+
+Each test runs real ``celery worker`` processes (the tiny SDNQ model behind the
+fault-injecting engine) against its own private redis-server and the loopback S3 server,
+then kills, stops or cuts them off in the middle of a batch. Visibility timeouts are a few
+seconds so a dead worker's tasks come back quickly.
+
+What a producer must see in every case: each task ends SUCCESS with one caption; a task
+that a dead worker had taken is captioned again by a live one (and counted as delivered
+twice), a task that finished is never captioned again (delivered once), and nothing is
+left in the broker to be redelivered later.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+
+from tests.conftest import png_bytes, producer, worker_env
+from tests.support.redis_server import RedisServer
+from worker.devstack import LoopbackS3, WorkerProcess
+from worker.tasks import DELIVERY_KEY
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+TASK_DEADLINE_S = 8
+VISIBILITY_TIMEOUT_S = 12
+FAST_TIMEOUTS = {
+    "CAPTION_TASK_DEADLINE_S": str(TASK_DEADLINE_S),
+    "CAPTION_VISIBILITY_MARGIN_S": "2",
+    "CAPTION_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+    "CAPTION_UNACKED_RESTORE_INTERVAL_S": "1",
+}
+SLOW_PROMPT = "[slow] Describe this image."
+PLAIN_PROMPT = "Describe this image."
+NEW_TOKENS = 10
+# The broker's ack-emulation keys (kombu's Redis transport defaults).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+@dataclass
+class Stack:
+    """A private Redis, a queue, a bucket of images, a producer, and the workers started."""
+
+    redis: RedisServer
+    s3: LoopbackS3
+    env: dict[str, str]
+    app: Celery
+    bucket: str
+    queue: str
+    logs: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def worker(self, name: str, **extra: str) -> WorkerProcess:
+        """Start a worker process called ``name`` on the queue and wait until it is ready."""
+        proc = WorkerProcess({**self.env, **extra}, self.logs / f"{name}.log", node=f"{name}@%h")
+        self.workers.append(proc)
+        return proc.start().wait_ready(timeout_s=180)
+
+    def upload(self, count: int) -> list[str]:
+        """``count`` different small PNGs; their s3:// URIs."""
+        client = self.s3.client()
+        uris = []
+        for i in range(count):
+            color = (40 + 37 * i % 200, 200 - 23 * i % 180, 60 + 51 * i % 190)
+            key = f"faults/{i}.png"
+            client.put_object(Bucket=self.bucket, Key=key, Body=png_bytes(color=color))
+            uris.append(f"s3://{self.bucket}/{key}")
+        return uris
+
+    def send(self, image: str, prompt: str) -> AsyncResult:
+        return self.app.send_task(
+            "caption",
+            kwargs={"image": image, "prompt": prompt, "max_new_tokens": NEW_TOKENS},
+            queue=self.queue,
+        )
+
+    def deliveries(self, task: AsyncResult) -> int:
+        """How many times a worker began captioning this task (the worker's own counter)."""
+        key = DELIVERY_KEY.format(task_id=task.id, retry=0)
+        value = self.redis.client(db=1).get(key)
+        return int(value) if value is not None else 0
+
+    def broker_leftovers(self) -> dict[str, int]:
+        """Messages still in the broker: queued, or delivered and never acknowledged."""
+        broker = self.redis.client(db=0)
+        return {
+            "queued": int(broker.llen(self.queue)),
+            "unacked": int(broker.hlen(UNACKED_KEY)),
+            "unacked_index": int(broker.zcard(UNACKED_INDEX_KEY)),
+        }
+
+
+@pytest.fixture()
+def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterator[Stack]:
+    queue = f"faults-{uuid.uuid4().hex[:8]}"
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    with RedisServer(tmp_path / "redis") as server:
+        env = worker_env(
+            model_dir=tiny_model_dir,
+            s3=s3_server,
+            redis_base=server.url,
+            queue=queue,
+            CAPTION_ENGINE_FACTORY="tests.support.faulty_engine:load_faulty_engine",
+            PYTHONPATH=str(REPO_ROOT),
+            **FAST_TIMEOUTS,
+        )
+        app = producer(env)
+        result = Stack(server, s3_server, env, app, bucket, queue, tmp_path)
+        try:
+            yield result
+        finally:
+            for proc in result.workers:
+                proc.stop(timeout_s=30)
+            app.close()
+
+
+def state(task: AsyncResult) -> str:
+    return str(task.state)
+
+
+def log_excerpt(proc: WorkerProcess, size: int = 3000) -> str:
+    """The worker's log around its first crashed thread, or its tail."""
+    text = proc.log()
+    crash = text.find("Exception in thread")
+    return text[crash : crash + size] if crash >= 0 else text[-size:]
+
+
+def wait_for(
+    tasks: list[AsyncResult],
+    done: Callable[[list[str]], bool],
+    timeout_s: float,
+    what: str,
+    worker: WorkerProcess,
+) -> float:
+    """Poll the tasks' states until ``done(states)``; the seconds it took.
+
+    Fails at once, with the worker's log, if a task fails or the worker exits.
+    """
+    assert worker.proc is not None
+    started = time.monotonic()
+    while True:
+        states = summary(tasks)
+        if done(states):
+            return time.monotonic() - started
+        failed = [t for t, s in zip(tasks, states, strict=True) if s == "FAILURE"]
+        if failed:
+            pytest.fail(
+                f"a task failed while waiting for {what}: {failed[0].result!r}; "
+                f"states {states}\n{log_excerpt(worker)}"
+            )
+        if worker.proc.poll() is not None:
+            pytest.fail(
+                f"worker exited with code {worker.proc.returncode} while waiting for {what}; "
+                f"states {states}\n{log_excerpt(worker)}"
+            )
+        if time.monotonic() - started > timeout_s:
+            pytest.fail(f"no {what} within {timeout_s:g}s; states {states}\n{log_excerpt(worker)}")
+        time.sleep(0.1)
+
+
+def summary(tasks: list[AsyncResult]) -> list[str]:
+    return [state(t) for t in tasks]
+
+
+def result_of(task: AsyncResult) -> dict[str, Any]:
+    """A finished task's result, read from the backend (no pub/sub subscription)."""
+    assert task.state == "SUCCESS", task.state
+    result: dict[str, Any] = task.result
+    return result
+
+
+def all_success(states: list[str]) -> bool:
+    return all(s == "SUCCESS" for s in states)
+
+
+def captioned_by(result: dict[str, Any], proc: WorkerProcess) -> bool:
+    assert proc.proc is not None
+    name: str = result["worker"]
+    return name.startswith(proc.node.split("@")[0] + "@") and name.endswith(f"/{proc.proc.pid}")
+
+
+def log_count(proc: WorkerProcess, needle: str) -> int:
+    return proc.log().count(needle)
+
+
+# --- 1. SIGKILL mid-batch ---------------------------------------------------------------------
+
+
+def test_sigkill_mid_batch_every_task_redelivered_and_captioned_once(stack: Stack) -> None:
+    images = stack.upload(6)
+    # The first worker is slow (0.5 s a decode step, ~5 s a batch): it is killed in generate.
+    first = stack.worker("first", FAULT_STEP_DELAY_S="0.5", CAPTION_BATCH_WAIT_MS="500")
+    tasks = [stack.send(uri, SLOW_PROMPT) for uri in images]
+
+    wait_for(tasks, lambda s: s == ["STARTED"] * 6, 60, "all 6 tasks STARTED", first)
+    time.sleep(1.0)  # the batch forms within 0.5 s of the first task; now it is in generate
+    at_kill = summary(tasks)
+    assert first.proc is not None
+    first.proc.kill()
+    killed_at = time.monotonic()
+    assert first.wait(timeout_s=10) == -signal.SIGKILL
+    assert at_kill == ["STARTED"] * 6, at_kill
+    assert log_count(first, "succeeded in") == 0, "a task finished before the kill"
+    assert stack.broker_leftovers()["unacked"] == 6  # the dead worker's, held by Redis
+
+    # The second worker is fast; it gets the tasks once their visibility timeout passes.
+    second = stack.worker("second", FAULT_STEP_DELAY_S="0.02")
+    ready_after = time.monotonic() - killed_at
+    budget = VISIBILITY_TIMEOUT_S + 20
+    first_redelivery = ready_after + wait_for(
+        tasks, lambda _: log_count(second, "received") > 0, budget, "a redelivery", second
+    )
+    all_done = first_redelivery + wait_for(
+        tasks, all_success, budget - first_redelivery, "SUCCESS for every task", second
+    )
+    # Measured (2 busy cores): second worker ready ~6 s after the kill; first redelivery
+    # ~11 s after the kill, i.e. the 12 s visibility timeout counted from the first delivery
+    # (~1.5 s before the kill) plus up to 1 s of restore interval; all 6 SUCCESS ~0.5 s later.
+    print(
+        f"\nSIGKILL: second worker ready {ready_after:.1f}s after the kill, "
+        f"first redelivery {first_redelivery:.1f}s, all SUCCESS {all_done:.1f}s"
+    )
+    assert first_redelivery >= VISIBILITY_TIMEOUT_S - 3  # never while the first might run
+
+    results = [result_of(t) for t in tasks]
+    for task, result in zip(tasks, results, strict=True):
+        assert captioned_by(result, second), result["worker"]
+        assert result["finish_reason"] in ("stop", "length")
+        # Delivered to the first worker (which died in generate), then to the second.
+        assert stack.deliveries(task) == 2
+    assert log_count(second, "succeeded in") == 6
+    # Nothing left to hand out again later.
+    assert stack.broker_leftovers() == {"queued": 0, "unacked": 0, "unacked_index": 0}
+
+    # The one caption each task got is the model's deterministic caption of that request.
+    again = [stack.send(uri, SLOW_PROMPT) for uri in images]
+    wait_for(again, all_success, 60, "SUCCESS for the re-captions", second)
+    assert [r["text"] for r in results] == [result_of(t)["text"] for t in again]
+
+
+# --- 2. SIGTERM during a batch ----------------------------------------------------------------
+
+
+def test_sigterm_finishes_running_batch_and_hands_back_the_rest(stack: Stack) -> None:
+    images = stack.upload(10)
+    # Four task threads and batches of four: four tasks run, six wait in the queue.
+    limits = {"CAPTION_CONCURRENCY": "4", "CAPTION_MAX_BATCH": "4"}
+    first = stack.worker("first", FAULT_STEP_DELAY_S="0.25", CAPTION_BATCH_WAIT_MS="500", **limits)
+    tasks = [stack.send(uri, SLOW_PROMPT) for uri in images]
+
+    wait_for(tasks, lambda s: s.count("STARTED") == 4, 60, "four tasks STARTED", first)
+    time.sleep(1.0)  # the batch is in generate (~2.5 s of decode steps)
+    at_term = summary(tasks)
+    in_flight = [t for t, s in zip(tasks, at_term, strict=True) if s == "STARTED"]
+    assert len(in_flight) == 4 and at_term.count("SUCCESS") == 0, at_term
+
+    first.signal(signal.SIGTERM)
+    termed_at = time.monotonic()
+    code = first.wait(timeout_s=TASK_DEADLINE_S + 20)
+    exit_s = time.monotonic() - termed_at
+    assert code == 0, log_excerpt(first)
+    assert exit_s < TASK_DEADLINE_S + 5, f"SIGTERM exit took {exit_s:.1f}s"
+
+    after_exit = summary(tasks)
+    # The running batch finished in the first worker; nothing failed, nothing is stuck.
+    assert "FAILURE" not in after_exit, after_exit
+    assert "STARTED" not in after_exit, after_exit
+    for task in in_flight:
+        assert captioned_by(result_of(task), first)
+    finished_by_first = {t.id for t, s in zip(tasks, after_exit, strict=True) if s == "SUCCESS"}
+    # Everything else is back in the queue, not held as unacknowledged by a dead consumer.
+    leftovers = stack.broker_leftovers()
+    assert leftovers["unacked"] == 0, leftovers
+    assert leftovers["queued"] == len(tasks) - len(finished_by_first), leftovers
+
+    second = stack.worker("second", FAULT_STEP_DELAY_S="0.02", **limits)
+    wait_for(tasks, all_success, 60, "SUCCESS for all 10", second)
+    # Measured (2 busy cores): exit code 0 ~3 s after SIGTERM (the rest of the batch).
+    print(
+        f"\nSIGTERM: exit code {code} after {exit_s:.1f}s; "
+        f"{len(finished_by_first)} finished by the first worker, "
+        f"{len(tasks) - len(finished_by_first)} by the second"
+    )
+    for task in tasks:
+        owner = first if task.id in finished_by_first else second
+        assert captioned_by(result_of(task), owner), task.id
+        assert stack.deliveries(task) == 1  # no task was captioned twice
+    assert stack.broker_leftovers() == {"queued": 0, "unacked": 0, "unacked_index": 0}
+
+
+# --- 3. Redis restart (AOF) mid-run -----------------------------------------------------------
+
+
+def test_redis_restart_mid_run_loses_nothing_and_worker_stays_up(stack: Stack) -> None:
+    images = stack.upload(10)
+    only = stack.worker(
+        "only",
+        FAULT_STEP_DELAY_S="0.2",
+        CAPTION_CONCURRENCY="4",
+        CAPTION_MAX_BATCH="4",
+        CAPTION_BATCH_WAIT_MS="300",
+    )
+    prompts = [SLOW_PROMPT if i % 2 == 0 else PLAIN_PROMPT for i in range(len(images))]
+    tasks = [stack.send(uri, prompt) for uri, prompt in zip(images, prompts, strict=True)]
+
+    # Mid-run: some tasks done, some running, the rest still queued in Redis.
+    wait_for(
+        tasks,
+        lambda s: s.count("SUCCESS") >= 1 and "STARTED" in s,
+        60,
+        "a finished task while others run",
+        only,
+    )
+    before = summary(tasks)
+    finished_before = {
+        t.id: result_of(t) for t, s in zip(tasks, before, strict=True) if s == "SUCCESS"
+    }
+    restart_at = time.monotonic()
+    stack.redis.restart(down_s=2.0)
+    down_s = time.monotonic() - restart_at
+    assert only.proc is not None and only.proc.poll() is None, log_excerpt(only)
+
+    done_s = wait_for(tasks, all_success, 60, "SUCCESS for all 10 after the restart", only)
+    print(
+        f"\nRedis restart: states before {before}; down {down_s:.1f}s; "
+        f"all SUCCESS {done_s:.1f}s after it came back"
+    )
+    assert only.proc.poll() is None, "the worker exited after the Redis restart"
+    # Results survive the restart (AOF) and read back through a fresh producer as well.
+    reader = producer(stack.env)
+    try:
+        for task in tasks:
+            result = result_of(AsyncResult(task.id, app=reader))
+            assert captioned_by(result, only)
+            if task.id in finished_before:
+                assert result == finished_before[task.id]
+            assert stack.deliveries(task) == 1, task.id  # no task was captioned twice
+    finally:
+        reader.close()
+    assert stack.broker_leftovers() == {"queued": 0, "unacked": 0, "unacked_index": 0}

@@ -1,0 +1,501 @@
+"""Worker guards: poison tasks, slow and hung captions, bad settings, unloadable models.
+
+The process-level tests run real ``celery worker`` processes with a private redis-server (never
+the shared one on 6379), a queue of their own, the loopback S3 server and the tiny SDNQ model.
+Faults come from ``tests.support.faulty_engine`` through prompt markers. Timeouts are short so
+that Redis hands unacknowledged tasks out again within seconds:
+
+- task deadline 6 s, visibility margin 2 s, visibility timeout 14 s, unacked restore every 1 s;
+- the visibility timeout also covers the 5 s a task thread waits past its deadline
+  (``worker.service.DEADLINE_GRACE_S``), so these settings stay valid if
+  ``Settings.check_visibility_timeout`` starts counting that grace too.
+
+Where a test restarts workers it does what Kubernetes would: a small supervisor loop starts a
+new worker whenever the current one exits, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import png_bytes, producer, worker_env
+from tests.support.redis_server import RedisServer
+from worker.devstack import LoopbackS3, WorkerProcess
+from worker.errors import ConfigError, ModelLoadError
+from worker.lifecycle import EXIT_HUNG
+from worker.service import DEADLINE_GRACE_S
+from worker.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FAULTY_ENGINE = "tests.support.faulty_engine:load_faulty_engine"
+PRODUCTION_ENGINE = "worker.engine:load_engine"
+# worker.app.EXIT_START_FAILED; importing worker.app here would configure Celery in-process.
+EXIT_START_FAILED = 3
+
+DEADLINE_S = 6.0
+MARGIN_S = 2.0
+VISIBILITY_S = 14
+MAX_DELIVERIES = 2
+READY_TIMEOUT_S = 180.0  # model load on a busy 2-core machine
+TERMINAL = ("SUCCESS", "FAILURE")
+
+
+# --- Unit level --------------------------------------------------------------------------------
+
+
+def _settings(**values: Any) -> Settings:
+    return Settings(**{"task_deadline_s": 6, "visibility_margin_s": 2, **values})
+
+
+@pytest.mark.parametrize("visibility", [5, 7, 8])
+@pytest.mark.parametrize("broker", ["redis://127.0.0.1:1/0", "rediss://cache:6380/0", "unix:///r"])
+def test_visibility_timeout_not_above_deadline_plus_margin_is_refused(
+    broker: str, visibility: int
+) -> None:
+    settings = _settings(broker_url=broker, visibility_timeout_s=visibility)
+    with pytest.raises(ConfigError) as caught:
+        settings.check_visibility_timeout()
+    message = str(caught.value)
+    assert f"CAPTION_VISIBILITY_TIMEOUT_S={visibility} must exceed" in message
+    assert "CAPTION_TASK_DEADLINE_S + CAPTION_VISIBILITY_MARGIN_S = 8" in message
+
+
+def test_visibility_timeout_above_deadline_plus_margin_is_accepted() -> None:
+    _settings(broker_url="redis://127.0.0.1:1/0", visibility_timeout_s=9).check_visibility_timeout()
+    _settings(visibility_timeout_s=VISIBILITY_S).check_visibility_timeout()  # the tests' own
+
+
+def test_visibility_timeout_is_not_checked_for_brokers_without_one() -> None:
+    _settings(broker_url="amqp://guest@rabbit//", visibility_timeout_s=5).check_visibility_timeout()
+
+
+def test_out_of_memory_while_loading_names_the_memory_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from worker.engine import load_engine
+
+    calls: list[str] = []
+
+    def out_of_memory(source: str, **_: Any) -> Any:
+        calls.append(source)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", out_of_memory)
+    settings = Settings(model="some-owner/some-big-vl-model", memory_mode="gpu")
+
+    with pytest.raises(ModelLoadError) as caught:
+        load_engine(settings)
+
+    message = str(caught.value)
+    assert calls == ["some-owner/some-big-vl-model"]
+    assert "out of memory loading some-owner/some-big-vl-model" in message
+    assert "memory_mode=gpu" in message
+    assert "CAPTION_MEMORY_MODE=balanced or lowvram" in message
+    assert "Tried to allocate 20.00 GiB" in message
+
+
+# --- Process level: helpers --------------------------------------------------------------------
+
+
+def _pythonpath() -> str:
+    parts = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(p for p in parts if p)
+
+
+@dataclass
+class Stack:
+    """A private Redis, a queue, one uploaded image and a producer, for one test."""
+
+    env: dict[str, str]
+    redis: RedisServer
+    queue: str
+    image: str
+    logs: Path
+    app: Any
+    _workers: int = 0
+
+    def send(self, **kwargs: Any) -> str:
+        """Queue one caption task as a producer would; return its id."""
+        kwargs.setdefault("image", self.image)
+        kwargs.setdefault("max_new_tokens", 8)
+        return str(self.app.send_task("caption", kwargs=kwargs, queue=self.queue).id)
+
+    def meta(self, task_id: str) -> dict[str, Any]:
+        """The task's stored state, read from Redis now (no client-side cache)."""
+        meta: dict[str, Any] = self.app.backend.get_task_meta(task_id, cache=False)
+        return meta
+
+    def waiting(self) -> int:
+        """Messages still in the queue's Redis lists (not reserved by any worker)."""
+        client = self.redis.client(0)
+        keys = [k for k in client.scan_iter(match=f"{self.queue}*") if client.type(k) == b"list"]
+        return sum(int(client.llen(k)) for k in keys)
+
+    def unacked(self) -> list[str]:
+        """Ids of tasks reserved by some worker and not yet acknowledged."""
+        raw = self.redis.client(0).hvals("unacked")
+        return [json.loads(v)[0]["headers"]["id"] for v in raw]
+
+    def worker(self, **extra: str) -> WorkerProcess:
+        """A worker process (not started) on this stack's queue, with its own log file."""
+        self._workers += 1
+        return WorkerProcess({**self.env, **extra}, self.logs / f"worker-{self._workers}.log")
+
+
+def error_of(meta: dict[str, Any]) -> tuple[str, str]:
+    """(exception type name, message) of a FAILURE, as a producer sees them."""
+    exc = meta["result"]
+    return type(exc).__name__, str(exc)
+
+
+def wait_terminal(
+    stack: Stack, task_id: str, timeout_s: float, tick: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Poll until the task is SUCCESS or FAILURE; fail the test if it never gets there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if tick is not None:
+            tick()
+        meta = stack.meta(task_id)
+        if meta["status"] in TERMINAL:
+            return meta
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id} still {meta['status']} after {timeout_s:g}s")
+        time.sleep(0.1)
+
+
+def interesting(log: str) -> str:
+    """The lines of a worker log that tell what happened to tasks and to the process."""
+    keys = ("received", "succeeded", "raised", "Exception in thread", "cannot start", "exiting")
+    return "\n".join(line[:240] for line in log.splitlines() if any(k in line for k in keys))
+
+
+@dataclass
+class Supervisor:
+    """Keeps one worker running, restarting it when it exits (bounded), like a Deployment."""
+
+    stack: Stack
+    max_restarts: int
+    extra: dict[str, str] = field(default_factory=dict)
+    workers: list[WorkerProcess] = field(default_factory=list)
+    exits: list[tuple[int, float]] = field(default_factory=list)  # (exit code, monotonic time)
+
+    @property
+    def current(self) -> WorkerProcess:
+        return self.workers[-1]
+
+    @property
+    def pid(self) -> int:
+        assert self.current.proc is not None
+        return self.current.proc.pid
+
+    def start(self) -> WorkerProcess:
+        worker = self.stack.worker(**self.extra).start()
+        self.workers.append(worker)
+        return worker.wait_ready(READY_TIMEOUT_S)
+
+    def tick(self) -> None:
+        """Restart the worker if it has exited."""
+        proc = self.current.proc
+        assert proc is not None
+        code = proc.poll()
+        if code is None:
+            return
+        self.exits.append((code, time.monotonic()))
+        if len(self.exits) > self.max_restarts:
+            raise AssertionError(
+                f"worker exited {len(self.exits)} times (codes {self.codes()}), more than the "
+                f"{self.max_restarts} restarts allowed:\n{self.history()}"
+            )
+        self.start()
+
+    def codes(self) -> list[int]:
+        return [code for code, _ in self.exits]
+
+    def history(self) -> str:
+        return "\n".join(f"--- {w.log_path.name}\n{interesting(w.log())}" for w in self.workers)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop(timeout_s=15)
+
+    def wait_terminal(self, task_id: str, timeout_s: float) -> dict[str, Any]:
+        return wait_terminal(self.stack, task_id, timeout_s, tick=self.tick)
+
+
+@pytest.fixture()
+def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterator[Stack]:
+    queue = f"guards-{uuid.uuid4().hex[:8]}"
+    bucket = f"guards-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="plain.png", Body=png_bytes())
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with RedisServer(tmp_path / "redis", appendonly=False) as redis_server:
+        env = worker_env(
+            model_dir=tiny_model_dir,
+            s3=s3_server,
+            redis_base=redis_server.url,
+            queue=queue,
+            PYTHONPATH=_pythonpath(),
+            CAPTION_ENGINE_FACTORY=FAULTY_ENGINE,
+            CAPTION_TASK_DEADLINE_S=f"{DEADLINE_S:g}",
+            CAPTION_VISIBILITY_MARGIN_S=f"{MARGIN_S:g}",
+            CAPTION_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
+            CAPTION_UNACKED_RESTORE_INTERVAL_S="1",
+            CAPTION_MAX_DELIVERIES=str(MAX_DELIVERIES),
+        )
+        app = producer(env)
+        try:
+            yield Stack(env, redis_server, queue, f"s3://{bucket}/plain.png", logs, app)
+        finally:
+            app.close()
+
+
+# --- Process level: start-up guards ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "variable, value, complaint",
+    [
+        ("CAPTION_MAX_BATCH", "abc", "valid integer"),
+        ("CAPTION_DTYPE", "int3", "'bfloat16', 'float16' or 'float32'"),
+    ],
+)
+def test_invalid_setting_stops_the_worker_at_start_naming_the_variable(
+    stack: Stack, variable: str, value: str, complaint: str
+) -> None:
+    task_id = stack.send()
+    worker = stack.worker(**{variable: value}).start()
+    started = time.monotonic()
+    code = worker.wait(60)
+    elapsed = time.monotonic() - started
+    log = worker.log()
+
+    assert code != 0, log[-2000:]
+    assert elapsed < 30
+    last_line = log.strip().splitlines()[-1]
+    assert variable in last_line and complaint in last_line, log[-2000:]
+    assert "caption worker ready" not in log
+    assert stack.waiting() == 1
+    assert stack.meta(task_id)["status"] == "PENDING"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_visibility_timeout_too_short_stops_the_worker_before_it_consumes(stack: Stack) -> None:
+    task_id = stack.send()
+    # Exactly deadline + margin (6 + 2): a task running to its deadline could run twice.
+    worker = stack.worker(CAPTION_VISIBILITY_TIMEOUT_S="8").start()
+    started = time.monotonic()
+    code = worker.wait(60)
+    elapsed = time.monotonic() - started
+    log = worker.log()
+
+    assert code == EXIT_START_FAILED, log[-2000:]
+    assert elapsed < 30
+    assert "caption worker cannot start: ConfigError: CAPTION_VISIBILITY_TIMEOUT_S=8" in log
+    assert "model loaded" not in log  # refused before spending minutes loading a model
+    assert stack.waiting() == 1
+    assert stack.unacked() == []
+    assert stack.meta(task_id)["status"] == "PENDING"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_corrupt_weights_stop_the_worker_and_leave_the_task_for_a_healthy_one(
+    stack: Stack, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt-model"
+    shutil.copytree(tiny_model_dir, corrupt)
+    weights = corrupt / "model.safetensors"
+    with weights.open("r+b") as handle:  # a garbled header, as from a bad disk or copy
+        handle.write(b"\xff" * 64)
+    task_id = stack.send()
+
+    broken = stack.worker(CAPTION_MODEL=str(corrupt), CAPTION_ENGINE_FACTORY=PRODUCTION_ENGINE)
+    code = broken.start().wait(READY_TIMEOUT_S)
+    log = broken.log()
+
+    assert code == EXIT_START_FAILED, log[-2000:]
+    assert f"caption worker cannot start: ModelLoadError: cannot load model {corrupt}" in log
+    assert "caption worker ready" not in log
+    assert stack.waiting() == 1
+    assert stack.unacked() == []
+    assert stack.meta(task_id)["status"] == "PENDING"
+
+    with stack.worker(CAPTION_ENGINE_FACTORY=PRODUCTION_ENGINE) as healthy:
+        meta = wait_terminal(stack, task_id, 90)
+        assert healthy.proc is not None
+        healthy_pid = healthy.proc.pid
+    assert meta["status"] == "SUCCESS", meta
+    assert meta["result"]["text"]
+    assert meta["result"]["worker"].endswith(f"/{healthy_pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_uncached_model_with_auto_download_off_stops_the_worker(
+    stack: Stack, tmp_path: Path
+) -> None:
+    hf_home = tmp_path / "empty-hf-home"
+    hf_home.mkdir()
+    repo = "some-owner/some-repo-not-cached"
+    worker = stack.worker(
+        CAPTION_MODEL=repo,
+        CAPTION_AUTO_DOWNLOAD="false",
+        CAPTION_ENGINE_FACTORY=PRODUCTION_ENGINE,
+        HF_HOME=str(hf_home),
+        HF_HUB_OFFLINE="1",
+    )
+    code = worker.start().wait(READY_TIMEOUT_S)
+    log = worker.log()
+
+    assert code == EXIT_START_FAILED, log[-2000:]
+    lines = [line for line in log.splitlines() if line.startswith("caption worker cannot start")]
+    assert lines, log[-2000:]
+    assert f"ModelLoadError: cannot load model {repo}:" in lines[-1]
+    assert "CAPTION_AUTO_DOWNLOAD is off" in lines[-1]
+    assert str(hf_home) in lines[-1]
+    assert not [p for p in hf_home.rglob("*") if p.is_file()]  # nothing was downloaded
+
+
+# --- Process level: faults while serving -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(stack: Stack) -> None:
+    """A task that SIGKILLs its worker every time it runs.
+
+    Each crash leaves the message unacknowledged; Redis hands it out again after the
+    visibility timeout, to the restarted worker. Delivery MAX_DELIVERIES + 1 fails it.
+    Two ordinary tasks are sent together with it, and one more after it failed.
+    """
+    supervisor = Supervisor(stack, max_restarts=MAX_DELIVERIES + 1)
+    try:
+        supervisor.start()
+        started = time.monotonic()
+        poison = stack.send(prompt="[kill] Describe this image.")
+        neighbours = [stack.send(), stack.send()]
+        poison_meta = supervisor.wait_terminal(poison, timeout_s=(MAX_DELIVERIES + 2) * 40)
+        poison_s = time.monotonic() - started
+        after = stack.send()
+        after_meta = supervisor.wait_terminal(after, timeout_s=60)
+        neighbour_metas = [supervisor.wait_terminal(t, timeout_s=60) for t in neighbours]
+        supervisor.tick()
+        alive = supervisor.current.proc is not None and supervisor.current.proc.poll() is None
+        history = supervisor.history()
+    finally:
+        supervisor.stop()
+    print(f"poison task terminal after {poison_s:.1f}s, worker exits {supervisor.codes()}")
+
+    assert poison_meta["status"] == "FAILURE", history
+    kind, message = error_of(poison_meta)
+    assert kind == "TooManyDeliveries", f"{kind}: {message}\n{history}"
+    assert f"delivered {MAX_DELIVERIES + 1} times" in message
+    assert f"CAPTION_MAX_DELIVERIES={MAX_DELIVERIES}" in message
+    assert "crashes the model" in message
+    # One SIGKILL per delivery that ran it, and no more deaths once it was failed.
+    assert supervisor.codes() == [-9] * MAX_DELIVERIES, history
+    assert alive
+    assert after_meta["status"] == "SUCCESS", f"{after_meta}\n{history}"
+    assert after_meta["result"]["worker"].endswith(f"/{supervisor.pid}")
+    outcomes = [
+        (m["status"], error_of(m) if m["status"] == "FAILURE" else None) for m in neighbour_metas
+    ]
+    assert outcomes == [("SUCCESS", None)] * 2, f"tasks sent with the poison: {outcomes}\n{history}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_slow_caption_fails_with_caption_timeout_and_the_worker_goes_on(stack: Stack) -> None:
+    with stack.worker(FAULT_STEP_DELAY_S="0.5") as worker:
+        assert worker.proc is not None
+        started = time.monotonic()
+        # 400 steps of 0.5 s each cannot finish within the 6 s deadline.
+        slow = stack.send(prompt="[slow] Describe this image.", max_new_tokens=400)
+        slow_meta = wait_terminal(stack, slow, timeout_s=DEADLINE_S + 30)
+        elapsed = time.monotonic() - started
+        normal_meta = wait_terminal(stack, stack.send(), timeout_s=60)
+        alive = worker.proc.poll() is None
+        final = stack.meta(slow)
+        history = interesting(worker.log())
+    print(f"slow task failed {elapsed:.2f}s after it was sent (deadline {DEADLINE_S:g}s)")
+
+    assert slow_meta["status"] == "FAILURE", history
+    kind, message = error_of(slow_meta)
+    assert kind == "CaptionTimeout", f"{kind}: {message}"
+    assert "deadline" in message
+    assert DEADLINE_S <= elapsed <= DEADLINE_S + 3, elapsed
+    assert alive
+    assert normal_meta["status"] == "SUCCESS", f"{normal_meta}\n{history}"
+    assert normal_meta["result"]["worker"].endswith(f"/{worker.proc.pid}")
+    assert (final["status"], error_of(final)[0]) == ("FAILURE", "CaptionTimeout")  # not rerun
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(stack: Stack) -> None:
+    """A generate call that ignores deadlines (a stuck kernel).
+
+    The task thread stops waiting DEADLINE_GRACE_S (5 s) after the deadline and fails the task
+    with CaptionTimeout, which acknowledges it. The hang grace is set above that, so the
+    watchdog ends the process afterwards (exit code EXIT_HUNG); a fresh worker takes over. With
+    a hang grace below DEADLINE_GRACE_S the process would die first and the hung task would go
+    to the next worker instead (see the report that came with this test).
+    """
+    hang_grace = DEADLINE_GRACE_S + 2
+    supervisor = Supervisor(
+        stack, max_restarts=2, extra={"CAPTION_HANG_GRACE_S": f"{hang_grace:g}"}
+    )
+    try:
+        supervisor.start()
+        first_pid = supervisor.pid
+        started = time.monotonic()
+        hung = stack.send(prompt="[hang] Describe this image.")
+        hung_meta = supervisor.wait_terminal(hung, timeout_s=DEADLINE_S + hang_grace + 30)
+        failed_s = time.monotonic() - started
+        exit_by = time.monotonic() + hang_grace + 30
+        while not supervisor.exits and time.monotonic() < exit_by:
+            supervisor.tick()
+            time.sleep(0.05)
+        normal_meta = supervisor.wait_terminal(stack.send(), timeout_s=60)
+        final = stack.meta(hung)
+        waiting, unacked = stack.waiting(), stack.unacked()
+        history = supervisor.history()
+    finally:
+        supervisor.stop()
+    assert supervisor.exits, f"the hung worker never exited\n{history}"
+    code, exited_at = supervisor.exits[0]
+    exit_s = exited_at - started
+    print(f"hung task failed after {failed_s:.2f}s; worker exited {code} after {exit_s:.2f}s")
+
+    assert hung_meta["status"] == "FAILURE", history
+    kind, message = error_of(hung_meta)
+    assert kind == "CaptionTimeout", f"{kind}: {message}\n{history}"
+    assert DEADLINE_S <= failed_s <= DEADLINE_S + DEADLINE_GRACE_S + 3, failed_s
+    assert code == EXIT_HUNG, history
+    assert DEADLINE_S + hang_grace <= exit_s <= DEADLINE_S + hang_grace + 4, exit_s
+    assert supervisor.codes() == [EXIT_HUNG], history
+    assert normal_meta["status"] == "SUCCESS", f"{normal_meta}\n{history}"
+    assert normal_meta["result"]["worker"].endswith(f"/{supervisor.pid}")
+    assert supervisor.pid != first_pid
+    # The hung task stays failed: it was acknowledged, so the fresh worker did not rerun it.
+    assert (final["status"], error_of(final)[0]) == ("FAILURE", "CaptionTimeout"), history
+    assert (waiting, unacked) == (0, [])

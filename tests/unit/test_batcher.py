@@ -1,0 +1,426 @@
+"""Dynamic batching against a fake model: who shares a generate call, and what each task gets.
+
+The fake records every batch it is handed and answers each row with a caption naming that
+row's tag, so a task that receives a neighbour's caption, or a batch that mixes what must
+not be mixed, shows up directly. Inputs carry real (tiny) tensors, as the engine's do.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, wait
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from worker.batcher import Batcher, BatchLimits  # noqa: E402
+from worker.engine import CaptionOutput, PreparedInput  # noqa: E402
+from worker.errors import CaptionFailed, CaptionTimeout  # noqa: E402
+from worker.request import GenerationOptions  # noqa: E402
+
+GREEDY = GenerationOptions()
+SAMPLED = GenerationOptions(do_sample=True, temperature=0.7)
+SAMPLED_SEEDED = GenerationOptions(do_sample=True, temperature=0.7, seed=1)
+LATER = 60.0  # seconds: a deadline that never matters in these tests
+
+
+def item(
+    tag: int,
+    *,
+    prompt_tokens: int = 40,
+    max_new_tokens: int = 16,
+    options: GenerationOptions = GREEDY,
+) -> PreparedInput:
+    """A prepared input whose token ids all equal ``tag``, so the fake can tell rows apart."""
+    return PreparedInput(
+        tensors={
+            "input_ids": torch.full((1, prompt_tokens), tag, dtype=torch.long),
+            "attention_mask": torch.ones((1, prompt_tokens), dtype=torch.long),
+        },
+        prompt_tokens=prompt_tokens,
+        image_size=(64, 64),
+        max_new_tokens=max_new_tokens,
+        options=options,
+    )
+
+
+def tag_of(entry: PreparedInput) -> int:
+    return int(entry.tensors["input_ids"][0, 0])
+
+
+class FakeModel:
+    """A BatchModel that records batches and captions each row with its own tag."""
+
+    def __init__(
+        self,
+        *,
+        oom_above: int | None = None,
+        oom_tags: Sequence[int] = (),
+        poison_tags: Sequence[int] = (),
+        timeout_tags: Sequence[int] = (),
+        gate: threading.Event | None = None,
+    ) -> None:
+        self.oom_above = oom_above
+        self.oom_tags = set(oom_tags)
+        self.poison_tags = set(poison_tags)
+        self.timeout_tags = set(timeout_tags)
+        self.gate = gate
+        self.calls: list[list[PreparedInput]] = []
+        self.deadlines: list[list[float] | None] = []
+        self.ooms = 0
+        self.releases = 0
+        self.batcher: Batcher | None = None
+        self.busy_since_seen: list[float | None] = []
+
+    @property
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        return (torch.OutOfMemoryError,)
+
+    def release_memory(self) -> None:
+        self.releases += 1
+
+    def generate(
+        self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
+    ) -> list[CaptionOutput]:
+        self.calls.append(list(batch))
+        self.deadlines.append(None if deadlines is None else list(deadlines))
+        if self.batcher is not None:
+            self.busy_since_seen.append(self.batcher.busy_since)
+        if self.gate is not None:
+            assert self.gate.wait(5), "the test never opened the gate"
+        tags = {tag_of(entry) for entry in batch}
+        if (self.oom_above is not None and len(batch) > self.oom_above) or tags & self.oom_tags:
+            self.ooms += 1
+            raise torch.OutOfMemoryError(f"fake: {len(batch)} rows do not fit")
+        if tags & self.poison_tags:
+            raise ValueError("fake: a poisoned row broke the whole batch")
+        return [
+            CaptionOutput(
+                text=f"caption {tag_of(entry)}",
+                prompt_tokens=entry.prompt_tokens,
+                generated_tokens=entry.max_new_tokens,
+                finish_reason="timeout" if tag_of(entry) in self.timeout_tags else "length",
+                seconds=0.01,
+                batch_size=len(batch),
+            )
+            for entry in batch
+        ]
+
+    def tag_batches(self) -> list[list[int]]:
+        return [[tag_of(entry) for entry in call] for call in self.calls]
+
+    def sizes(self) -> list[int]:
+        return [len(call) for call in self.calls]
+
+
+@contextmanager
+def running(model: FakeModel, **limits: Any) -> Iterator[Batcher]:
+    batcher = Batcher(model, BatchLimits(**limits))
+    model.batcher = batcher
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        batcher.stop(timeout=5)
+
+
+def settle(
+    batcher: Batcher, futures: Sequence[Future[CaptionOutput]], timeout: float = 5.0
+) -> list[CaptionOutput | BaseException]:
+    """Each future's caption or exception; fails fast if the batcher thread has died."""
+    end = time.monotonic() + timeout
+    left = set(futures)
+    while left:
+        _, left = wait(left, timeout=0.05)
+        thread = batcher._thread
+        if left and thread is not None and not thread.is_alive():
+            pytest.fail(f"the batcher thread died with {len(left)} task(s) still waiting")
+        if left and time.monotonic() > end:
+            pytest.fail(f"{len(left)} task(s) got no answer within {timeout}s")
+    return [f.exception() or f.result() for f in futures]
+
+
+def captions(outcomes: Sequence[CaptionOutput | BaseException]) -> list[str]:
+    texts = []
+    for outcome in outcomes:
+        assert isinstance(outcome, CaptionOutput), outcome
+        texts.append(outcome.text)
+    return texts
+
+
+def submit_all(batcher: Batcher, items: Sequence[PreparedInput]) -> list[Future[CaptionOutput]]:
+    """Submit a burst as task threads would: announced first, so it is not split."""
+    with batcher.expect():
+        return [batcher.submit(entry, time.monotonic() + LATER) for entry in items]
+
+
+def test_tasks_submitted_together_share_calls_up_to_max_batch() -> None:
+    model = FakeModel()
+    with running(model, max_batch=4, wait_s=5.0) as batcher:
+        outcomes = settle(batcher, submit_all(batcher, [item(t) for t in range(10)]))
+
+    assert captions(outcomes) == [f"caption {t}" for t in range(10)]
+    assert model.tag_batches() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [o.batch_size for o in outcomes if isinstance(o, CaptionOutput)] == [4] * 8 + [2] * 2
+
+
+@pytest.mark.parametrize("announced", [False, True], ids=["bare-submit", "inside-expect"])
+def test_lone_task_runs_at_once_when_nothing_else_is_preparing(announced: bool) -> None:
+    model = FakeModel()
+    with running(model, wait_s=1.0) as batcher:
+        started = time.monotonic()
+        if announced:  # the service's own pattern: submit, then leave expect()
+            with batcher.expect():
+                future = batcher.submit(item(1), started + LATER)
+        else:
+            future = batcher.submit(item(1), started + LATER)
+        assert captions(settle(batcher, [future])) == ["caption 1"]
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 0.5, f"a lone task was held {elapsed:.2f}s with nothing else coming"
+    assert model.sizes() == [1]
+
+
+def test_open_expect_holds_the_batch_for_the_announced_task() -> None:
+    model = FakeModel()
+    with running(model, wait_s=3.0) as batcher:
+        started = time.monotonic()
+        with batcher.expect():  # another task is still downloading
+            first = batcher.submit(item(1), started + LATER)
+            time.sleep(0.3)
+            assert not first.done(), "ran without waiting for the announced task"
+            second = batcher.submit(item(2), started + LATER)
+        outcomes = settle(batcher, [first, second])
+        elapsed = time.monotonic() - started
+
+    assert captions(outcomes) == ["caption 1", "caption 2"]
+    assert model.tag_batches() == [[1, 2]]
+    # It ran when the announced task landed, not at the end of wait_s.
+    assert elapsed < 2.0
+
+
+def test_lone_task_waits_at_most_wait_s_for_an_announced_task() -> None:
+    model = FakeModel()
+    wait_s = 0.5
+    with running(model, wait_s=wait_s) as batcher, batcher.expect():  # never lands
+        started = time.monotonic()
+        future = batcher.submit(item(1), started + LATER)
+        assert captions(settle(batcher, [future])) == ["caption 1"]
+        elapsed = time.monotonic() - started
+
+    assert wait_s * 0.9 <= elapsed < wait_s + 0.4
+    assert model.sizes() == [1]
+
+
+def test_different_generation_options_never_share_a_batch() -> None:
+    options = [GREEDY, SAMPLED, GREEDY, SAMPLED_SEEDED, SAMPLED, GREEDY, SAMPLED_SEEDED]
+    model = FakeModel()
+    with running(model, wait_s=5.0) as batcher:
+        items = [item(t, options=o) for t, o in enumerate(options)]
+        outcomes = settle(batcher, submit_all(batcher, items))
+
+    assert captions(outcomes) == [f"caption {t}" for t in range(len(options))]
+    for call in model.calls:
+        assert len({entry.options for entry in call}) == 1, model.tag_batches()
+    # Everything was waiting together, so each option set is exactly one call.
+    assert sorted(map(sorted, model.tag_batches())) == [[0, 2, 5], [1, 4], [3, 6]]
+
+
+def test_prompts_of_very_different_length_go_to_different_batches() -> None:
+    lengths = [40, 400, 44, 380, 60, 300, 75]
+    model = FakeModel()
+    with running(model, wait_s=5.0, pad_ratio=2.0) as batcher:
+        items = [item(t, prompt_tokens=n) for t, n in enumerate(lengths)]
+        outcomes = settle(batcher, submit_all(batcher, items))
+
+    assert captions(outcomes) == [f"caption {t}" for t in range(len(lengths))]
+    for call in model.calls:
+        longest = max(entry.prompt_tokens for entry in call)
+        shortest = min(entry.prompt_tokens for entry in call)
+        assert longest <= 2.0 * shortest, model.tag_batches()
+    assert sorted(map(sorted, model.tag_batches())) == [[0, 2, 4, 6], [1, 3, 5]]
+
+
+def test_a_full_batch_takes_the_prompt_lengths_closest_to_the_oldest_task() -> None:
+    lengths = [50, 30, 80, 52, 26, 55]
+    model = FakeModel()
+    with running(model, wait_s=5.0, max_batch=3, pad_ratio=2.0) as batcher:
+        items = [item(t, prompt_tokens=n) for t, n in enumerate(lengths)]
+        outcomes = settle(batcher, submit_all(batcher, items))
+
+    assert captions(outcomes) == [f"caption {t}" for t in range(len(lengths))]
+    assert sorted(model.tag_batches()[0]) == [0, 3, 5]  # 50 with 52 and 55
+    assert sorted(t for call in model.tag_batches() for t in call) == list(range(len(lengths)))
+
+
+def test_token_budget_caps_the_batch_size() -> None:
+    # (prompt + new) * rows must stay within the budget: 128 tokens a row, 4 rows in 512.
+    model = FakeModel()
+    with running(model, wait_s=5.0, max_batch=32, token_budget=512) as batcher:
+        items = [item(t, prompt_tokens=100, max_new_tokens=28) for t in range(10)]
+        outcomes = settle(batcher, submit_all(batcher, items))
+
+    assert captions(outcomes) == [f"caption {t}" for t in range(10)]
+    assert model.sizes() == [4, 4, 2]
+    for call in model.calls:
+        longest = max(e.prompt_tokens for e in call) + max(e.max_new_tokens for e in call)
+        assert longest * len(call) <= 512
+
+
+def test_out_of_memory_splits_in_halves_and_later_batches_stay_at_the_size_that_fit() -> None:
+    model = FakeModel(oom_above=3)
+    with running(model, wait_s=5.0, max_batch=8) as batcher:
+        first = settle(batcher, submit_all(batcher, [item(t) for t in range(8)]))
+        assert captions(first) == [f"caption {t}" for t in range(8)]
+        assert model.tag_batches() == [
+            [0, 1, 2, 3, 4, 5, 6, 7],
+            [0, 1, 2, 3],
+            [0, 1],
+            [2, 3],
+            [4, 5, 6, 7],
+            [4, 5],
+            [6, 7],
+        ]
+        assert model.releases == model.ooms == 3
+        cap = batcher.batch_cap
+        assert 2 <= cap <= 3
+
+        model.calls.clear()
+        later = settle(batcher, submit_all(batcher, [item(t) for t in range(10, 16)]))
+
+    assert captions(later) == [f"caption {t}" for t in range(10, 16)]
+    assert model.ooms == 3  # no new out-of-memory: the cap was remembered
+    assert all(size == cap for size in model.sizes()[:-1])
+    assert sum(model.sizes()) == 6
+
+
+def test_a_row_too_big_even_alone_fails_alone_without_disabling_batching() -> None:
+    model = FakeModel(oom_tags=[2])
+    with running(model, wait_s=5.0, max_batch=4) as batcher:
+        outcomes = settle(batcher, submit_all(batcher, [item(t) for t in range(4)]))
+        assert isinstance(outcomes[2], CaptionFailed)
+        assert "out of memory" in str(outcomes[2])
+        assert captions(outcomes[:2] + outcomes[3:]) == ["caption 0", "caption 1", "caption 3"]
+        assert model.tag_batches() == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [3]]
+
+        # A batch of two fit; one oversized input must not turn batching off for good.
+        model.calls.clear()
+        later = settle(batcher, submit_all(batcher, [item(t) for t in range(10, 14)]))
+
+    assert captions(later) == [f"caption {t}" for t in range(10, 14)]
+    assert max(model.sizes()) >= 2, f"batch_cap fell to {batcher.batch_cap}"
+
+
+def test_one_poisoned_row_fails_only_its_own_task() -> None:
+    model = FakeModel(poison_tags=[2])
+    with running(model, wait_s=5.0, max_batch=8) as batcher:
+        outcomes = settle(batcher, submit_all(batcher, [item(t) for t in range(5)]))
+
+    assert isinstance(outcomes[2], CaptionFailed)
+    assert "poisoned row" in str(outcomes[2])
+    assert captions(outcomes[:2] + outcomes[3:]) == [f"caption {t}" for t in (0, 1, 3, 4)]
+    assert model.tag_batches() == [[0, 1, 2, 3, 4], [0], [1], [2], [3], [4]]
+    assert batcher.batch_cap == 8  # not an out-of-memory: the cap is untouched
+    assert model.releases == 0
+
+
+def test_deadline_passed_while_queued_fails_with_caption_timeout_unrun() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    with running(model, wait_s=0.0) as batcher:
+        now = time.monotonic()
+        busy = batcher.submit(item(1), now + LATER)
+        while not model.calls:  # the model is now stuck on task 1
+            time.sleep(0.01)
+        expiring = batcher.submit(item(2), now + 0.2)
+        patient = batcher.submit(item(3), now + LATER)
+        time.sleep(0.4)
+        gate.set()
+        outcomes = settle(batcher, [busy, expiring, patient])
+
+    assert isinstance(outcomes[1], CaptionTimeout)
+    assert captions([outcomes[0], outcomes[2]]) == ["caption 1", "caption 3"]
+    assert model.tag_batches() == [[1], [3]]  # the expired task never reached the model
+
+
+def test_task_already_past_its_deadline_fails_at_once() -> None:
+    model = FakeModel()
+    with running(model, wait_s=1.0) as batcher:
+        future = batcher.submit(item(1), time.monotonic() - 1)
+        outcome = settle(batcher, [future], timeout=0.5)[0]
+
+    assert isinstance(outcome, CaptionTimeout)
+    assert model.calls == []
+
+
+def test_rows_get_their_own_deadlines_and_a_row_timed_out_in_the_model_fails() -> None:
+    model = FakeModel(timeout_tags=[1])
+    with running(model, wait_s=5.0) as batcher:
+        base = time.monotonic() + LATER
+        with batcher.expect():
+            futures = [batcher.submit(item(t), base + t) for t in range(3)]
+        outcomes = settle(batcher, futures)
+
+    assert isinstance(outcomes[1], CaptionTimeout)
+    assert captions([outcomes[0], outcomes[2]]) == ["caption 0", "caption 2"]
+    assert model.deadlines == [[base, base + 1, base + 2]]
+
+
+def test_cancelled_task_is_not_captioned() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    with running(model, wait_s=0.0) as batcher:
+        busy = batcher.submit(item(1), time.monotonic() + LATER)
+        while not model.calls:
+            time.sleep(0.01)
+        abandoned = batcher.submit(item(2), time.monotonic() + LATER)
+        assert abandoned.cancel()  # the task thread gave up waiting
+        kept = batcher.submit(item(3), time.monotonic() + LATER)
+        gate.set()
+        outcomes = settle(batcher, [busy, kept])
+
+    assert captions(outcomes) == ["caption 1", "caption 3"]
+    assert model.tag_batches() == [[1], [3]]
+
+
+def test_stop_finishes_queued_work_then_refuses_new_tasks() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = Batcher(model, BatchLimits(max_batch=2, wait_s=0.0))
+    batcher.start()
+    futures = [batcher.submit(item(0), time.monotonic() + LATER)]
+    while not model.calls:
+        time.sleep(0.01)
+    futures += [batcher.submit(item(t), time.monotonic() + LATER) for t in range(1, 6)]
+    stopper = threading.Thread(target=batcher.stop, kwargs={"timeout": 5})
+    stopper.start()
+    time.sleep(0.1)
+    with pytest.raises(CaptionFailed, match="shutting down"):
+        batcher.submit(item(9), time.monotonic() + LATER)
+    gate.set()
+    stopper.join(5)
+
+    assert not stopper.is_alive()
+    assert captions(settle(batcher, futures)) == [f"caption {t}" for t in range(6)]
+    assert model.tag_batches() == [[0], [1, 2], [3, 4], [5]]
+
+
+def test_busy_since_marks_the_generate_call_in_progress() -> None:
+    # The hang watchdog (worker.lifecycle) exits the process when busy_since is too old.
+    model = FakeModel()
+    with running(model) as batcher:
+        before = time.monotonic()
+        future = batcher.submit(item(1), before + LATER)
+        settle(batcher, [future])
+        after = time.monotonic()
+
+    assert len(model.busy_since_seen) == 1
+    seen = model.busy_since_seen[0]
+    assert seen is not None, "busy_since was not set while generate ran"
+    assert before <= seen <= after
+    assert batcher.busy_since is None
