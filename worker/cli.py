@@ -149,6 +149,23 @@ def status(task_id: str) -> None:
 
 
 @app.command()
+def result(
+    task_id: str,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the caption.")] = 600,
+) -> None:
+    """Wait for a task's caption and print the result JSON (or its typed error)."""
+    from worker.client import CaptionClient
+
+    client = CaptionClient(load_settings())
+    try:
+        _print_json({"id": task_id, **client.result(task_id, timeout=timeout)})
+    except Exception as exc:
+        raise _fail(exc) from None
+    finally:
+        client.close()
+
+
+@app.command()
 def caption(
     source: Annotated[str, typer.Argument(help="A local image file or s3://bucket/key.")],
     prompt: Annotated[str | None, typer.Option(help="Instruction for the model.")] = None,

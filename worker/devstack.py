@@ -109,8 +109,6 @@ class LoopbackS3:
         self.stop()
 
 
-
-
 def worker_command(queue: str, node: str, log_level: str = "INFO") -> list[str]:
     """The ``celery worker`` command line that ``caption-worker worker`` runs per device."""
     return [

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from worker.batcher import Batcher, BatchLimits  # noqa: E402
-from worker.engine import CaptionOutput, PreparedInput  # noqa: E402
+from worker.engine import CaptionOutput, PreparedInput, collate  # noqa: E402
 from worker.errors import CaptionFailed, CaptionTimeout  # noqa: E402
 from worker.request import GenerationOptions  # noqa: E402
 
@@ -424,3 +424,24 @@ def test_busy_since_marks_the_generate_call_in_progress() -> None:
     assert seen is not None, "busy_since was not set while generate ran"
     assert before <= seen <= after
     assert batcher.busy_since is None
+
+
+@pytest.mark.parametrize("first_len", [30, 1536], ids=["short", "as-wide-as-a-patch"])
+def test_collate_left_pads_token_rows_and_stacks_image_rows(first_len: int) -> None:
+    # Qwen3-VL pixel rows are 3 * 2 * 16 * 16 = 1536 wide, whatever the prompt length.
+    def row(length: int, patches: int) -> dict[str, Any]:
+        return {
+            "input_ids": torch.full((1, length), 7, dtype=torch.long),
+            "attention_mask": torch.ones((1, length), dtype=torch.long),
+            "pixel_values": torch.ones((patches, 1536)),
+            "image_grid_thw": torch.tensor([[1, 2, patches // 2]]),
+        }
+
+    batch = collate([row(first_len, 16), row(1600, 8)], pad_id=0)
+
+    assert tuple(batch["input_ids"].shape) == (2, 1600)
+    assert batch["input_ids"][0, : 1600 - first_len].eq(0).all()  # padded on the left
+    assert batch["input_ids"][0, 1600 - first_len :].eq(7).all()
+    assert int(batch["attention_mask"][0].sum()) == first_len
+    assert tuple(batch["pixel_values"].shape) == (24, 1536)  # image rows are never padded
+    assert tuple(batch["image_grid_thw"].shape) == (2, 3)
