@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worker.errors import InvalidRequest
 from worker.settings import Settings
 
+DEFAULT_MAX_NEW_TOKENS = 512
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -61,7 +63,7 @@ class _Kwargs(BaseModel):
 
     image: str
     prompt: str | None = None
-    max_new_tokens: int = Field(512, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
     model: str | None = None
     do_sample: bool = False
     temperature: float | None = Field(None, gt=0, le=10)
@@ -97,9 +99,12 @@ def parse_request(kwargs: dict[str, Any], settings: Settings) -> CaptionRequest:
             f"invalid caption request: prompt has {len(prompt)} characters, "
             f"the limit is {settings.max_prompt_chars}"
         )
-    if raw.max_new_tokens > settings.max_new_tokens_limit:
+    max_new_tokens = raw.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens_limit)
+    if max_new_tokens > settings.max_new_tokens_limit:
         raise InvalidRequest(
-            f"invalid caption request: max_new_tokens={raw.max_new_tokens} exceeds "
+            f"invalid caption request: max_new_tokens={max_new_tokens} exceeds "
             f"the limit of {settings.max_new_tokens_limit}"
         )
     max_pixels = settings.max_pixels if raw.max_pixels is None else raw.max_pixels
@@ -120,7 +125,7 @@ def parse_request(kwargs: dict[str, Any], settings: Settings) -> CaptionRequest:
     return CaptionRequest(
         image=raw.image,
         prompt=prompt,
-        max_new_tokens=raw.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         model=raw.model,
         options=options,
         max_pixels=max(max_pixels, settings.min_pixels),

@@ -156,3 +156,32 @@ def test_model_loads_once_before_any_task(
     assert log.index("model loaded:") < log.index("caption worker ready") < log.index("received")
     assert len({r["model_loaded_at"] for r in results}) == 1
     assert len({r["worker"] for r in results}) == 1
+
+
+def test_cli_submit_waits_for_the_caption(stack: dict[str, Any], s3_server: LoopbackS3) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    s3_server.client().put_object(Bucket=stack["bucket"], Key="cli.png", Body=png_bytes())
+    cli = str(Path(sys.executable).with_name("caption-worker"))
+    uri = f"s3://{stack['bucket']}/cli.png"
+    out = subprocess.run(
+        [cli, "submit", uri, "--max-new-tokens", "5", "--wait", "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **stack["env"]},
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["image"] == uri and result["text"].strip() and result["id"]
+    status = subprocess.run(
+        [cli, "status", result["id"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **stack["env"]},
+    )
+    assert json.loads(status.stdout)["state"] == "SUCCESS"
