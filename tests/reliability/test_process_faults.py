@@ -62,6 +62,7 @@ class Stack:
     queue: str
     logs: Path
     workers: list[WorkerProcess] = field(default_factory=list)
+    sent: list[AsyncResult] = field(default_factory=list)
 
     def worker(self, name: str, **extra: str) -> WorkerProcess:
         """Start a worker process called ``name`` on the queue and wait until it is ready."""
@@ -81,11 +82,13 @@ class Stack:
         return uris
 
     def send(self, image: str, prompt: str) -> AsyncResult:
-        return self.app.send_task(
+        task = self.app.send_task(
             "caption",
             kwargs={"image": image, "prompt": prompt, "max_new_tokens": NEW_TOKENS},
             queue=self.queue,
         )
+        self.sent.append(task)
+        return task
 
     def deliveries(self, task: AsyncResult) -> int:
         """How many times a worker began captioning this task (the worker's own counter)."""
@@ -125,6 +128,10 @@ def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterat
         finally:
             for proc in result.workers:
                 proc.stop(timeout_s=30)
+            # send_task subscribed to each result's channel; unsubscribe while Redis still
+            # runs, or AsyncResult.__del__ tries it later against a stopped server.
+            for task in result.sent:
+                app.backend.remove_pending_result(task)
             app.close()
 
 
@@ -132,7 +139,7 @@ def state(task: AsyncResult) -> str:
     return str(task.state)
 
 
-def log_excerpt(proc: WorkerProcess, size: int = 3000) -> str:
+def log_excerpt(proc: WorkerProcess, size: int = 6000) -> str:
     """The worker's log around its first crashed thread, or its tail."""
     text = proc.log()
     crash = text.find("Exception in thread")
