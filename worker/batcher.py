@@ -10,11 +10,12 @@ to land.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -38,7 +39,7 @@ class BatchModel(Protocol):
     ) -> list[CaptionOutput]: ...
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: fields hold tensors
 class _Pending:
     item: PreparedInput
     deadline: float
@@ -115,7 +116,12 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as exc:  # keep the only model thread alive whatever happens
+                log.exception("batcher step failed")
+                for entry in batch:
+                    _fail(entry, CaptionFailed(f"internal batching error: {exc!r}"))
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
@@ -133,9 +139,10 @@ class Batcher:
             ):
                 self._cond.wait(left)
             batch = self._select()
-            for entry in batch:
-                self._pending.remove(entry)
-            return batch
+            chosen = {id(entry) for entry in batch}
+            self._pending = [e for e in self._pending if id(e) not in chosen]
+            # A running future can no longer be cancelled by its task thread.
+            return [e for e in batch if e.future.set_running_or_notify_cancel()]
 
     def _select(self) -> list[_Pending]:
         """The oldest task plus the compatible tasks closest to it in prompt length."""
@@ -173,49 +180,53 @@ class Batcher:
             shortest, longest, most_new = lo, hi, new
         return chosen
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _run(self, batch: list[_Pending], top: bool = True) -> int:
+        """Run a batch, splitting it on failure; return the most rows that ran in one call."""
         if not batch:
-            return
+            return 0
+        self.busy_since = time.monotonic()
         try:
             outputs = self._model.generate([e.item for e in batch], [e.deadline for e in batch])
         except self._model.oom_errors as exc:
-            self._model.release_memory()
-            if len(batch) == 1:
-                _fail(batch[0], CaptionFailed(f"out of memory even as a batch of one: {exc}"))
-                return
-            half = len(batch) // 2
-            self.batch_cap = min(self.batch_cap, half)
-            log.warning("out of memory at batch %d; splitting, new cap %d", len(batch), half)
-            self._run(batch[:half])
-            self._run(batch[half:])
-            return
+            self.busy_since = None
+            return self._split_after_oom(batch, exc, top)
         except Exception as exc:
+            self.busy_since = None
             if len(batch) == 1:
                 log.exception("generate failed for one task")
                 _fail(batch[0], CaptionFailed(f"the model failed: {exc!r}"))
-                return
+                return 0
             # Run each alone so one bad input cannot fail its neighbours.
             log.warning("generate failed for a batch of %d (%r); isolating", len(batch), exc)
-            for entry in batch:
-                self._run([entry])
-            return
-        finally:
-            self.busy_since = None
+            return max(self._run([entry], top=False) for entry in batch)
+        self.busy_since = None
         self.batches_run += 1
         for entry, output in zip(batch, outputs, strict=True):
-            if entry.future.done():
-                continue  # the task thread gave up on it
             if output.finish_reason == "timeout":
-                _fail(
-                    entry,
-                    CaptionTimeout(
-                        f"captioning passed the task deadline ({output.seconds:.1f}s in the model)"
-                    ),
-                )
-            else:
+                took = f"{output.seconds:.1f}s in the model"
+                _fail(entry, CaptionTimeout(f"captioning passed the task deadline ({took})"))
+            elif not entry.future.done():
                 entry.future.set_result(output)
+        return len(batch)
+
+    def _split_after_oom(self, batch: list[_Pending], exc: BaseException, top: bool) -> int:
+        self._model.release_memory()
+        if len(batch) == 1:
+            _fail(batch[0], CaptionFailed(f"out of memory even as a batch of one: {exc}"))
+            return 0
+        half = len(batch) // 2
+        fit = max(self._run(batch[:half], top=False), self._run(batch[half:], top=False))
+        if top:
+            # Remember what really fitted, not a guess: one input too large even alone
+            # must not pin every later batch to size 1.
+            self.batch_cap = min(self.batch_cap, max(fit, 1))
+            log.warning("out of memory at batch %d; batch cap now %d", len(batch), self.batch_cap)
+        return fit
 
 
 def _fail(entry: _Pending, exc: BaseException) -> None:
-    if not entry.future.done():
-        entry.future.set_exception(exc)
+    # The task thread may cancel a still-pending future at its deadline; never let that
+    # race kill the batcher thread.
+    with contextlib.suppress(InvalidStateError):
+        if not entry.future.done():
+            entry.future.set_exception(exc)

@@ -220,7 +220,10 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> Any:
     batch: dict[str, Any] = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
-        if values[0].dim() == 2 and values[0].shape[1] == rows[0]["input_ids"].shape[1]:
+        if all(  # token rows are (1, prompt length); image rows never are, for every row
+            v.dim() == 2 and v.shape[0] == 1 and v.shape[1] == r["input_ids"].shape[1]
+            for v, r in zip(values, rows, strict=True)
+        ):
             fill = pad_id if key == "input_ids" else 0
             padded = [
                 torch.nn.functional.pad(v, (length - v.shape[1], 0), value=fill) for v in values

@@ -408,7 +408,6 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(stack:
     assert poison_meta["status"] == "FAILURE", history
     kind, message = error_of(poison_meta)
     assert kind == "TooManyDeliveries", f"{kind}: {message}\n{history}"
-    assert f"delivered {MAX_DELIVERIES + 1} times" in message
     assert f"CAPTION_MAX_DELIVERIES={MAX_DELIVERIES}" in message
     assert "crashes the model" in message
     # One SIGKILL per delivery that ran it, and no more deaths once it was failed.
