@@ -7,6 +7,11 @@ through the broker. A node answers only once its model has loaded and warmed up 
 loads before the consumer starts), so this doubles as a readiness check; during the load it
 fails, which is what Docker's start period and Kubernetes' startupProbe are for.
 
+When CAPTION_READY_FILE is set (the image sets it), a missing file answers "not ready" at
+once without touching the broker: the worker writes it after the warm-up caption and removes
+it at shutdown. The file alone is not enough (a process killed outright leaves it behind when
+Docker restarts the same container), so when it exists the ping still decides.
+
 The node names come from ``caption-worker worker --dry-run``, the same code that names the
 workers, so this check cannot drift from the worker command. A plain "is the process alive"
 check adds nothing: the container already exits when a worker process dies, and the worker's
@@ -53,6 +58,10 @@ def node_names() -> list[str]:
 def main(argv: list[str]) -> int:
     liveness = "--liveness" in argv
     timeout = float(os.environ.get("HEALTHCHECK_PING_TIMEOUT_S", "10"))
+    ready_file = os.environ.get("CAPTION_READY_FILE")
+    if ready_file and not liveness and not os.path.exists(ready_file):
+        print(f"unhealthy: {ready_file} is missing (model not loaded yet, or shutting down)")
+        return EX_UNHEALTHY
     try:
         nodes = node_names()
     except subprocess.CalledProcessError as exc:

@@ -76,6 +76,9 @@ class Lifecycle:
     def start(self, settings: Settings, worker_name: str) -> CaptionService:
         """Check settings, load the model, prove it answers, start batching."""
         self._to(State.STARTING)
+        if settings.ready_file:
+            # A restarted container keeps the file of the process that died before it.
+            Path(settings.ready_file).unlink(missing_ok=True)
         try:
             settings.check_visibility_timeout()
             started = time.perf_counter()

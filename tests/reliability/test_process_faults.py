@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from celery import Celery
@@ -99,7 +99,7 @@ class Stack:
     def delivery_times(self) -> list[float]:
         """When each unacknowledged message was handed to a worker (kombu's index)."""
         index = self.redis.client(db=0).zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
-        return [float(score) for _, score in index]
+        return [float(score) for _, score in cast(list[tuple[bytes, float]], index)]
 
     def broker_leftovers(self) -> dict[str, int]:
         """Messages still in the broker: queued, or delivered and never acknowledged."""

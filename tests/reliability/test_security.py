@@ -17,6 +17,7 @@ import secrets
 import shutil
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -225,9 +226,9 @@ class _StoreProxyHandler(BaseHTTPRequestHandler):
         self.server.record(self.path)
         if "/fault/" in self.path:
             body = (
-                '<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
-                "<Message>Please try again.</Message><RequestId>proxy</RequestId></Error>"
-            ).encode()
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                b"<Message>Please try again.</Message><RequestId>proxy</RequestId></Error>"
+            )
             self._reply(503, [("Content-Type", "application/xml")], body)
             return
         upstream = http.client.HTTPConnection(self.server.upstream_host, timeout=10)
@@ -363,9 +364,18 @@ def secure(
     try:
         worker.start().wait_ready(READY_TIMEOUT_S)
         yield SecureStack(
-            env, server, proxy, worker, app, queue, allowed, also_allowed, denied,
-            redis_password, aws_secret,
-        )  # fmt: skip
+            env=env,
+            redis=server,
+            proxy=proxy,
+            worker=worker,
+            app=app,
+            queue=queue,
+            allowed=allowed,
+            also_allowed=also_allowed,
+            denied=denied,
+            redis_password=redis_password,
+            aws_secret=aws_secret,
+        )
     finally:
         worker.stop(timeout_s=30)
         app.close()
@@ -522,7 +532,7 @@ def _make_tls_files(directory: Path) -> TlsFiles:
                     decipher_only=False,
                 ),
                 critical=True,
-            )  # fmt: skip
+            )
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
@@ -587,25 +597,14 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     base = tmp_path_factory.mktemp("tls")
     files = _make_tls_files(base)
     port = free_port()
-    server = PrivateRedis(
-        base / "redis",
-        port,
-        [
-            "--port",
-            "0",  # TLS only: no plaintext listener to fall back to
-            "--tls-port",
-            str(port),
-            "--tls-cert-file",
-            str(files.cert),
-            "--tls-key-file",
-            str(files.key),
-            "--tls-ca-cert-file",
-            str(files.ca),
-            "--tls-auth-clients",
-            "no",
-        ],  # fmt: skip
-        {"ssl": True, "ssl_ca_certs": str(files.ca), "ssl_cert_reqs": "required"},
-    )
+    # TLS only (--port 0): there is no plaintext listener to fall back to.
+    args = [
+        "--port", "0", "--tls-port", str(port),
+        "--tls-cert-file", str(files.cert), "--tls-key-file", str(files.key),
+        "--tls-ca-cert-file", str(files.ca), "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    verify = {"ssl": True, "ssl_ca_certs": str(files.ca), "ssl_cert_reqs": "required"}
+    server = PrivateRedis(base / "redis", port, args, verify)
     try:
         server.start()
     except RuntimeError as exc:
@@ -615,6 +614,26 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
         yield TlsStack(files, server, base)
     finally:
         server.stop()
+
+
+#: Publish one task with certificate verification against the CA in argv[2]; print the
+#: exception chain and exit 1 if publishing fails, exit 0 if it was sent.
+_PUBLISH_ONCE = """
+import ssl, sys
+from celery import Celery
+url, ca = sys.argv[1], sys.argv[2]
+app = Celery("producer", broker=url)
+app.conf.update(broker_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca})
+try:
+    app.send_task("caption", kwargs={"image": "s3://b/k.png"}, retry=False, ignore_result=True)
+except Exception as exc:
+    chain = exc
+    while chain is not None:
+        print(f"{type(chain).__name__}: {chain}")
+        chain = chain.__cause__ or chain.__context__
+    sys.exit(1)
+print("sent")
+"""
 
 
 def _tls_producer(env: dict[str, str], ca: Path) -> Any:
@@ -676,19 +695,24 @@ def test_rediss_with_another_ca_fails_verification_and_runs_nothing(
     queue = env["CAPTION_QUEUE"]
     kwargs = {"image": image, "max_new_tokens": 4}
 
-    # A producer that trusts the impostor CA cannot even publish.
-    wrong = _tls_producer(env, tls.files.impostor_ca)
-    try:
-        with pytest.raises(Exception) as caught:
-            wrong.send_task("caption", kwargs=kwargs, queue=queue, retry=False, ignore_result=True)
-    finally:
-        wrong.close()
-    chain = []
-    exc: BaseException | None = caught.value
-    while exc is not None:
-        chain.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    assert any("CERTIFICATE_VERIFY_FAILED" in link for link in chain), chain
+    # A producer process that trusts the impostor CA cannot even publish. (A fresh process:
+    # kombu's process-wide producer pool is keyed without the SSL options, so in this
+    # process an earlier test's verified connection to the same server would be reused.)
+    publish = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PUBLISH_ONCE,
+            env["CAPTION_BROKER_URL"],
+            str(tls.files.impostor_ca),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert publish.returncode == 1, (publish.stdout, publish.stderr[-2000:])
+    assert "CERTIFICATE_VERIFY_FAILED" in publish.stdout, publish.stdout
 
     # A task waits in the queue (published with the right CA) for a worker that trusts the
     # impostor CA: the worker must refuse the server's certificate and take nothing.
@@ -698,10 +722,11 @@ def test_rediss_with_another_ca_fails_verification_and_runs_nothing(
         waiting = right.send_task("caption", kwargs=kwargs, queue=queue)
         worker.start()
         _wait_for(
-            lambda: "CERTIFICATE_VERIFY_FAILED" in worker.log(),
+            lambda: "CERTIFICATE_VERIFY_FAILED" in worker.log() or worker.proc.poll() is not None,
             READY_TIMEOUT_S,
             "the worker logs a certificate verification failure",
         )
+        assert "CERTIFICATE_VERIFY_FAILED" in worker.log(), worker.log()[-3000:]
         time.sleep(3.0)  # room for a wrongly successful connection to take the task
         assert worker.proc is not None and worker.proc.poll() is None  # still retrying
         state = right.backend.get_task_meta(waiting.id, cache=False)["status"]
