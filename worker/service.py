@@ -16,12 +16,9 @@ from worker.engine import Engine
 from worker.errors import CaptionTimeout, ModelMismatch
 from worker.images import decode_image, fit_pixel_budget
 from worker.request import parse_request
-from worker.settings import Settings
+from worker.settings import DEADLINE_GRACE_S, Settings
 from worker.storage import ObjectStore, S3Location
 
-# How long past its deadline a task thread waits for the batcher to answer: the batcher
-# stops the row at the next decode step, so this only covers one step and bookkeeping.
-DEADLINE_GRACE_S = 5.0
 
 
 @dataclass

@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from worker.errors import ConfigError
 
 ENV_PREFIX = "CAPTION_"
+# How long past its deadline a task thread waits for the batcher to answer: the batcher
+# stops the row at the next decode step, so this only covers one step and bookkeeping.
+DEADLINE_GRACE_S = 5.0
 DEFAULT_MODEL = "Qwen3-VL-32B-Instruct-SDNQ-uint4"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -109,11 +112,12 @@ class Settings(BaseSettings):
         """Refuse a Redis visibility timeout that would let a long task run twice."""
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return
-        needed = self.task_deadline_s + self.visibility_margin_s
+        needed = self.task_deadline_s + DEADLINE_GRACE_S + self.visibility_margin_s
         if self.visibility_timeout_s <= needed:
             raise ConfigError(
                 f"CAPTION_VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} must exceed "
-                f"CAPTION_TASK_DEADLINE_S + CAPTION_VISIBILITY_MARGIN_S = {needed:g}: "
+                f"CAPTION_TASK_DEADLINE_S + {DEADLINE_GRACE_S:g}s grace + "
+                f"CAPTION_VISIBILITY_MARGIN_S = {needed:g}: "
                 "otherwise Redis hands a still-running task to a second worker"
             )
 

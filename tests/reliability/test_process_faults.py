@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TASK_DEADLINE_S = 8
-VISIBILITY_TIMEOUT_S = 12
+VISIBILITY_TIMEOUT_S = 16  # > deadline + 5 s grace + 2 s margin
 FAST_TIMEOUTS = {
     "CAPTION_TASK_DEADLINE_S": str(TASK_DEADLINE_S),
     "CAPTION_VISIBILITY_MARGIN_S": "2",

@@ -58,12 +58,12 @@ def test_min_pixels_above_max_pixels_is_refused(monkeypatch: pytest.MonkeyPatch)
         load_settings()
 
 
-def test_visibility_timeout_must_exceed_deadline_plus_margin() -> None:
-    short = Settings(task_deadline_s=600, visibility_margin_s=60, visibility_timeout_s=660)
+def test_visibility_timeout_must_exceed_deadline_grace_and_margin() -> None:
+    short = Settings(task_deadline_s=600, visibility_margin_s=60, visibility_timeout_s=665)
     with pytest.raises(ConfigError, match="CAPTION_VISIBILITY_TIMEOUT_S"):
         short.check_visibility_timeout()
     Settings(
-        task_deadline_s=600, visibility_margin_s=60, visibility_timeout_s=661
+        task_deadline_s=600, visibility_margin_s=60, visibility_timeout_s=666
     ).check_visibility_timeout()
 
 
