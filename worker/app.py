@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 
 from worker.errors import CaptionError
 from worker.lifecycle import lifecycle
@@ -45,6 +45,11 @@ def _start(sender: Any = None, **_: Any) -> None:
         log.critical("caption worker cannot start", exc_info=True)
         print(f"caption worker cannot start: {exc!r}", file=sys.stderr)
         raise SystemExit(EXIT_START_FAILED) from None
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _consuming(**_: Any) -> None:
+    lifecycle.mark_consuming()
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]

@@ -189,7 +189,12 @@ class WorkerProcess:
         return self.proc.returncode
 
     def __enter__(self) -> WorkerProcess:
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop(timeout_s=10)  # never leave a half-started worker behind
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -105,8 +105,6 @@ class Lifecycle:
             self._to(State.DEFUNCT)
             raise
         self._to(State.READY)
-        if settings.ready_file:
-            Path(settings.ready_file).write_text(f"{worker_name} {engine.name}\n")
         log.info(
             "caption worker ready: %s, model %s, max batch %d, started in %.1fs",
             worker_name,
@@ -115,6 +113,13 @@ class Lifecycle:
             time.perf_counter() - started,
         )
         return self._service
+
+    def mark_consuming(self) -> None:
+        """Write the ready file once the consumer is connected and the model has answered."""
+        if self.state is State.READY and self._service is not None:
+            ready_file = self._service.settings.ready_file
+            if ready_file:
+                Path(ready_file).write_text(f"{self._service.worker_name}\n")
 
     def _watchdog(self, batcher: Batcher, settings: Settings) -> None:
         """Exit the process when one generate call outlives every deadline in it.

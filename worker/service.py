@@ -20,7 +20,6 @@ from worker.settings import DEADLINE_GRACE_S, Settings
 from worker.storage import ObjectStore, S3Location
 
 
-
 @dataclass
 class CaptionService:
     """Everything a task needs, built once per worker process."""

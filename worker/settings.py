@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     storage_retry_backoff_s: float = Field(2.0, ge=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # Written once the model has answered a warm-up caption, removed at shutdown: a
-    # readiness probe for orchestrators (``test -f``) and the test harness.
+    # Written once the model has answered a warm-up caption and the consumer is connected,
+    # removed at shutdown: a readiness probe for orchestrators (``test -f``).
     ready_file: str | None = None
 
     @field_validator("allowed_buckets", mode="before")

@@ -193,10 +193,17 @@ def test_results_expire_after_the_configured_ttl(stack: Stack) -> None:
     assert 0 < queued_ttl <= RESULT_EXPIRES_S
 
 
-def _success_values(log: str, task_id: str) -> list[str]:
-    """The return values Celery logged for each successful run of the task, in order."""
-    pattern = re.compile(rf"Task caption\[{re.escape(task_id)}\] succeeded in [^:]*s: (.*)$")
-    return [m.group(1) for line in log.splitlines() if (m := pattern.search(line))]
+def _runs(log: str, task_id: str) -> list[str]:
+    """One entry per finished run of the task, in order: the logged return value of a
+    success, or ``raised: ...`` for a failure."""
+    pattern = re.compile(
+        rf"Task caption\[{re.escape(task_id)}\] (?:succeeded in [^:]*s: |(raised))(.*)$"
+    )
+    return [
+        f"raised{m.group(2)}" if m.group(1) else m.group(2)
+        for line in log.splitlines()
+        if (m := pattern.search(line))
+    ]
 
 
 def test_duplicate_delivery_returns_the_stored_result_unchanged(
@@ -215,14 +222,16 @@ def test_duplicate_delivery_returns_the_stored_result_unchanged(
     again = stack.send(task_id=first.id, **kwargs)  # the same message delivered once more
     assert again.id == first.id
     _wait_for(
-        lambda: len(_success_values(stack.worker.log(), first.id)) >= 2,
+        lambda: len(_runs(stack.worker.log(), first.id)) >= 2,
         TASK_TIMEOUT_S,
         "the worker finishes the duplicate delivery",
     )
 
     log = stack.worker.log()
+    runs = _runs(log, first.id)
+    assert len(runs) == 2, runs
+    assert not runs[1].startswith("raised"), runs[1]  # it did not try to caption again
     assert f"task {first.id} already succeeded; returning the stored result" in log
-    assert f"Task caption[{first.id}] raised" not in log
     stored_after = stack.backend().get(key)
     assert stored_after == stored_before  # byte for byte, date_done included
     stored = json.loads(stored_after or b"{}")
@@ -230,10 +239,8 @@ def test_duplicate_delivery_returns_the_stored_result_unchanged(
     assert stored["result"] == first_value
     # What the duplicate run returned is the stored result, not a recomputation: the
     # fields that differ between runs (seconds) or workers (worker, model_loaded_at) match.
-    logged = _success_values(log, first.id)
-    assert len(logged) == 2
-    assert logged[1] == logged[0]
-    returned = ast.literal_eval(logged[1])
+    assert runs[1] == runs[0]
+    returned = ast.literal_eval(runs[1])
     assert returned == first_value
     for name in ("worker", "seconds", "model_loaded_at", "text"):
         assert returned[name] == first_value[name], name

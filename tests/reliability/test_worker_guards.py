@@ -5,10 +5,9 @@ the shared one on 6379), a queue of their own, the loopback S3 server and the ti
 Faults come from ``tests.support.faulty_engine`` through prompt markers. Timeouts are short so
 that Redis hands unacknowledged tasks out again within seconds:
 
-- task deadline 6 s, visibility margin 2 s, visibility timeout 14 s, unacked restore every 1 s;
-- the visibility timeout also covers the 5 s a task thread waits past its deadline
-  (``worker.service.DEADLINE_GRACE_S``), so these settings stay valid if
-  ``Settings.check_visibility_timeout`` starts counting that grace too.
+- task deadline 6 s, visibility margin 2 s, unacked restore every 1 s, at most 2 deliveries;
+- visibility timeout 14 s: just above deadline + the 5 s a task thread waits past its deadline
+  (``DEADLINE_GRACE_S``) + margin, the least ``Settings.check_visibility_timeout`` accepts.
 
 Where a test restarts workers it does what Kubernetes would: a small supervisor loop starts a
 new worker whenever the current one exits, a bounded number of times.
@@ -33,8 +32,7 @@ from tests.support.redis_server import RedisServer
 from worker.devstack import LoopbackS3, WorkerProcess
 from worker.errors import ConfigError, ModelLoadError
 from worker.lifecycle import EXIT_HUNG
-from worker.service import DEADLINE_GRACE_S
-from worker.settings import Settings
+from worker.settings import DEADLINE_GRACE_S, Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAULTY_ENGINE = "tests.support.faulty_engine:load_faulty_engine"
@@ -44,7 +42,8 @@ EXIT_START_FAILED = 3
 
 DEADLINE_S = 6.0
 MARGIN_S = 2.0
-VISIBILITY_S = 14
+NEEDED_VISIBILITY_S = DEADLINE_S + DEADLINE_GRACE_S + MARGIN_S  # 13: refused, as is anything less
+VISIBILITY_S = int(NEEDED_VISIBILITY_S) + 1
 MAX_DELIVERIES = 2
 READY_TIMEOUT_S = 180.0  # model load on a busy 2-core machine
 TERMINAL = ("SUCCESS", "FAILURE")
@@ -54,25 +53,33 @@ TERMINAL = ("SUCCESS", "FAILURE")
 
 
 def _settings(**values: Any) -> Settings:
-    return Settings(**{"task_deadline_s": 6, "visibility_margin_s": 2, **values})
+    return Settings(**{"task_deadline_s": DEADLINE_S, "visibility_margin_s": MARGIN_S, **values})
 
 
-@pytest.mark.parametrize("visibility", [5, 7, 8])
+@pytest.mark.parametrize("below", [0, 1, 5])
 @pytest.mark.parametrize("broker", ["redis://127.0.0.1:1/0", "rediss://cache:6380/0", "unix:///r"])
-def test_visibility_timeout_not_above_deadline_plus_margin_is_refused(
-    broker: str, visibility: int
+def test_visibility_timeout_not_above_deadline_grace_and_margin_is_refused(
+    broker: str, below: int
 ) -> None:
+    visibility = int(NEEDED_VISIBILITY_S) - below
     settings = _settings(broker_url=broker, visibility_timeout_s=visibility)
     with pytest.raises(ConfigError) as caught:
         settings.check_visibility_timeout()
     message = str(caught.value)
-    assert f"CAPTION_VISIBILITY_TIMEOUT_S={visibility} must exceed" in message
-    assert "CAPTION_TASK_DEADLINE_S + CAPTION_VISIBILITY_MARGIN_S = 8" in message
+    assert message.startswith(f"CAPTION_VISIBILITY_TIMEOUT_S={visibility} must exceed")
+    assert "CAPTION_TASK_DEADLINE_S" in message and "CAPTION_VISIBILITY_MARGIN_S" in message
+    assert f"= {NEEDED_VISIBILITY_S:g}:" in message
+    assert "second worker" in message  # says why
 
 
-def test_visibility_timeout_above_deadline_plus_margin_is_accepted() -> None:
-    _settings(broker_url="redis://127.0.0.1:1/0", visibility_timeout_s=9).check_visibility_timeout()
-    _settings(visibility_timeout_s=VISIBILITY_S).check_visibility_timeout()  # the tests' own
+def test_visibility_timeout_above_deadline_grace_and_margin_is_accepted() -> None:
+    _settings(
+        broker_url="redis://127.0.0.1:1/0", visibility_timeout_s=VISIBILITY_S
+    ).check_visibility_timeout()
+    # The production defaults (600 s deadline, 60 s margin, one hour), whatever the environment.
+    names = ("task_deadline_s", "visibility_margin_s", "visibility_timeout_s")
+    defaults = {name: Settings.model_fields[name].default for name in names}
+    Settings(broker_url="redis://127.0.0.1:1/0", **defaults).check_visibility_timeout()
 
 
 def test_visibility_timeout_is_not_checked_for_brokers_without_one() -> None:
@@ -289,8 +296,9 @@ def test_invalid_setting_stops_the_worker_at_start_naming_the_variable(
 
     assert code != 0, log[-2000:]
     assert elapsed < 30
-    last_line = log.strip().splitlines()[-1]
-    assert variable in last_line and complaint in last_line, log[-2000:]
+    # The reason is at the end of the output, where `kubectl logs` and `docker logs` show it.
+    tail = log.strip().splitlines()[-5:]
+    assert any(variable in line and complaint in line for line in tail), log[-2000:]
     assert "caption worker ready" not in log
     assert stack.waiting() == 1
     assert stack.meta(task_id)["status"] == "PENDING"
@@ -300,8 +308,9 @@ def test_invalid_setting_stops_the_worker_at_start_naming_the_variable(
 @pytest.mark.timeout(120)
 def test_visibility_timeout_too_short_stops_the_worker_before_it_consumes(stack: Stack) -> None:
     task_id = stack.send()
-    # Exactly deadline + margin (6 + 2): a task running to its deadline could run twice.
-    worker = stack.worker(CAPTION_VISIBILITY_TIMEOUT_S="8").start()
+    # Exactly deadline + grace + margin: a task that overruns could be handed out twice.
+    visibility = int(NEEDED_VISIBILITY_S)
+    worker = stack.worker(CAPTION_VISIBILITY_TIMEOUT_S=str(visibility)).start()
     started = time.monotonic()
     code = worker.wait(60)
     elapsed = time.monotonic() - started
@@ -309,7 +318,7 @@ def test_visibility_timeout_too_short_stops_the_worker_before_it_consumes(stack:
 
     assert code == EXIT_START_FAILED, log[-2000:]
     assert elapsed < 30
-    assert "caption worker cannot start: ConfigError: CAPTION_VISIBILITY_TIMEOUT_S=8" in log
+    assert f"cannot start: ConfigError: CAPTION_VISIBILITY_TIMEOUT_S={visibility} must" in log
     assert "model loaded" not in log  # refused before spending minutes loading a model
     assert stack.waiting() == 1
     assert stack.unacked() == []
@@ -455,9 +464,12 @@ def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(stack: St
 
     The task thread stops waiting DEADLINE_GRACE_S (5 s) after the deadline and fails the task
     with CaptionTimeout, which acknowledges it. The hang grace is set above that, so the
-    watchdog ends the process afterwards (exit code EXIT_HUNG); a fresh worker takes over. With
-    a hang grace below DEADLINE_GRACE_S the process would die first and the hung task would go
-    to the next worker instead (see the report that came with this test).
+    watchdog ends the process afterwards (exit code EXIT_HUNG) and a fresh worker takes over.
+
+    With a hang grace below DEADLINE_GRACE_S the watchdog wins instead: the process exits
+    before the task is failed, the unacknowledged task goes to the next worker and hangs it
+    too, and the producer sees STARTED until TooManyDeliveries after CAPTION_MAX_DELIVERIES
+    hung workers (about 33 s with these settings and a 3 s grace).
     """
     hang_grace = DEADLINE_GRACE_S + 2
     supervisor = Supervisor(
