@@ -23,11 +23,19 @@ from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
 
+EXIT_START_FAILED = 3
+
+try:
+    # Read the environment here, once, so a bad value stops the process with one line
+    # naming the variable instead of a traceback from inside Celery's option parsing.
+    get_settings()
+except CaptionError as exc:
+    print(f"caption worker cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+    raise SystemExit(EXIT_START_FAILED) from None
+
 app = Celery("sdnq_caption_worker")
 app.config_from_object("celeryconfig")
 app.autodiscover_tasks(["worker"], related_name="tasks", force=True)
-
-EXIT_START_FAILED = 3
 
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]

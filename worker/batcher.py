@@ -39,12 +39,27 @@ class BatchModel(Protocol):
     ) -> list[CaptionOutput]: ...
 
 
+class RunGuard(Protocol):
+    """Told when a task's row enters and leaves a generate call (crash accounting)."""
+
+    suspect: bool  # an earlier generate call with this task in it never returned
+
+    def enter(self) -> None: ...
+
+    def exit(self) -> None: ...
+
+
 @dataclass(eq=False)  # identity, not field equality: fields hold tensors
 class _Pending:
     item: PreparedInput
     deadline: float
     future: Future[CaptionOutput]
     arrived: float = field(default_factory=time.monotonic)
+    guard: RunGuard | None = None
+
+    @property
+    def suspect(self) -> bool:
+        return self.guard is not None and self.guard.suspect
 
 
 @dataclass(frozen=True)
@@ -101,13 +116,15 @@ class Batcher:
                 self._preparing -= 1
                 self._cond.notify_all()
 
-    def submit(self, item: PreparedInput, deadline: float) -> Future[CaptionOutput]:
+    def submit(
+        self, item: PreparedInput, deadline: float, guard: RunGuard | None = None
+    ) -> Future[CaptionOutput]:
         """Queue one prepared input; the future resolves to its caption or error."""
         future: Future[CaptionOutput] = Future()
         with self._cond:
             if not self._running:
                 raise CaptionFailed("the worker is shutting down")
-            self._pending.append(_Pending(item, deadline, future))
+            self._pending.append(_Pending(item, deadline, future, guard=guard))
             self._cond.notify_all()
         return future
 
@@ -161,7 +178,9 @@ class Batcher:
         if not live:
             return []
         first = live[0]
-        same = [e for e in live[1:] if e.item.options == first.item.options]
+        if first.suspect:
+            return [first]  # it may be what killed the last worker: never take others along
+        same = [e for e in live[1:] if e.item.options == first.item.options and not e.suspect]
         same.sort(key=lambda e: (abs(e.item.prompt_tokens - first.item.prompt_tokens), e.arrived))
         chosen = [first]
         shortest = longest = first.item.prompt_tokens
@@ -184,9 +203,16 @@ class Batcher:
         """Run a batch, splitting it on failure; return the most rows that ran in one call."""
         if not batch:
             return 0
+        guards = [e.guard for e in batch if e.guard is not None]
+        for guard in guards:
+            guard.enter()
         self.busy_since = time.monotonic()
         try:
-            outputs = self._model.generate([e.item for e in batch], [e.deadline for e in batch])
+            try:
+                outputs = self._model.generate([e.item for e in batch], [e.deadline for e in batch])
+            finally:  # the call returned or raised: the process survived it
+                for guard in guards:
+                    guard.exit()
         except self._model.oom_errors as exc:
             self.busy_since = None
             return self._split_after_oom(batch, exc, top)

@@ -11,7 +11,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from worker.batcher import Batcher
+from worker.batcher import Batcher, RunGuard
 from worker.engine import Engine
 from worker.errors import CaptionTimeout, ModelMismatch
 from worker.images import decode_image, fit_pixel_budget
@@ -30,7 +30,9 @@ class CaptionService:
     batcher: Batcher
     worker_name: str
 
-    def caption(self, kwargs: dict[str, Any], data: bytes | None = None) -> dict[str, Any]:
+    def caption(
+        self, kwargs: dict[str, Any], data: bytes | None = None, guard: RunGuard | None = None
+    ) -> dict[str, Any]:
         """Caption the image a task names and return the contract's result object.
 
         ``data`` supplies the image bytes directly (local captions); tasks leave it None
@@ -59,7 +61,7 @@ class CaptionService:
                 max_pixels=request.max_pixels,
                 min_pixels=min(self.settings.min_pixels, request.max_pixels),
             )
-            future = self.batcher.submit(prepared, deadline)
+            future = self.batcher.submit(prepared, deadline, guard)
         try:
             output = future.result(timeout=deadline - time.monotonic() + DEADLINE_GRACE_S)
         except FutureTimeout:

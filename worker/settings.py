@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1)
     # A generate call this long past the task deadline is hung (a stuck kernel or driver):
     # the process exits so its unacknowledged tasks go to a healthy worker.
-    hang_grace_s: float = Field(120.0, gt=0)
+    # Must exceed DEADLINE_GRACE_S, so a hung task is reported as CaptionTimeout first.
+    hang_grace_s: float = Field(120.0, gt=DEADLINE_GRACE_S)
 
     # Batching.
     max_batch: int = Field(32, ge=1, le=1_024)

@@ -26,13 +26,13 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tests.conftest import png_bytes, producer, worker_env
+from tests.support.processes import pythonpath
 from tests.support.redis_server import RedisServer
 from worker.devstack import LoopbackS3, WorkerProcess
 from worker.tasks import DELIVERY_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TASK_DEADLINE_S = 8
 VISIBILITY_TIMEOUT_S = 16  # > deadline + 5 s grace + 2 s margin
@@ -123,7 +123,7 @@ def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterat
             redis_base=server.url,
             queue=queue,
             CAPTION_ENGINE_FACTORY="tests.support.faulty_engine:load_faulty_engine",
-            PYTHONPATH=str(REPO_ROOT),
+            PYTHONPATH=pythonpath(),
             **FAST_TIMEOUTS,
         )
         app = producer(env)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import redis
 from celery.result import AsyncResult
 
 from tests.conftest import png_bytes, producer, worker_env
+from tests.support.processes import pythonpath, wait_until
 from tests.support.redis_server import RedisServer
 from worker.client import CaptionClient, TaskStatus
 from worker.devstack import LoopbackS3, WorkerProcess
@@ -31,24 +31,10 @@ from worker.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 180.0  # model load on a busy 2-core machine
 TASK_TIMEOUT_S = 60.0
 RESULT_EXPIRES_S = 60  # the smallest the settings allow
 META_KEY = "celery-task-meta-{task_id}"
-
-
-def _pythonpath() -> str:
-    parts = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
-    return os.pathsep.join(p for p in parts if p)
-
-
-def _wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:g}s: {what}")
-        time.sleep(0.2)
 
 
 @dataclass
@@ -101,7 +87,7 @@ def stack(
             s3=s3_server,
             redis_base=server.url,
             queue=queue,
-            PYTHONPATH=_pythonpath(),
+            PYTHONPATH=pythonpath(),
             CAPTION_RESULT_EXPIRES_S=str(RESULT_EXPIRES_S),
         )
         client = CaptionClient(
@@ -221,7 +207,7 @@ def test_duplicate_delivery_returns_the_stored_result_unchanged(
 
     again = stack.send(task_id=first.id, **kwargs)  # the same message delivered once more
     assert again.id == first.id
-    _wait_for(
+    wait_until(
         lambda: len(_runs(stack.worker.log(), first.id)) >= 2,
         TASK_TIMEOUT_S,
         "the worker finishes the duplicate delivery",

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,13 +33,13 @@ import redis
 from celery.result import AsyncResult
 
 from tests.conftest import png_bytes, producer, worker_env
+from tests.support.processes import pythonpath, wait_until
 from worker.devstack import LoopbackS3, WorkerProcess, free_port
 from worker.errors import InvalidRequest
 from worker.request import parse_request
 from worker.settings import Settings
 from worker.storage import S3Location
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 180.0  # model load on a busy 2-core machine
 TASK_TIMEOUT_S = 60.0
 # Distinctive limits, so a number in a message can only be the limit.
@@ -57,19 +57,6 @@ def _need(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (required in CI)")
     pytest.skip(reason)
-
-
-def _pythonpath() -> str:
-    parts = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
-    return os.pathsep.join(p for p in parts if p)
-
-
-def _wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:g}s: {what}")
-        time.sleep(0.2)
 
 
 def _outcome(result: AsyncResult, timeout_s: float = TASK_TIMEOUT_S) -> tuple[str, Any]:
@@ -344,7 +331,7 @@ def secure(
         s3=s3_server,
         redis_base=f"redis://:{redis_password}@127.0.0.1:{port}",
         queue=queue,
-        PYTHONPATH=_pythonpath(),
+        PYTHONPATH=pythonpath(),
         AWS_ENDPOINT_URL_S3=proxy.endpoint_url,
         AWS_SECRET_ACCESS_KEY=aws_secret,
         CAPTION_LOG_LEVEL="DEBUG",
@@ -652,7 +639,7 @@ def _tls_env(
         s3=s3_server,
         redis_base=tls.redis_base,
         queue=f"tls-{tag}",
-        PYTHONPATH=_pythonpath(),
+        PYTHONPATH=pythonpath(),
         CAPTION_REDIS_CA_CERTS=str(ca),
     )
     return env, f"s3://{bucket}/cat.png"
@@ -717,7 +704,7 @@ def test_rediss_with_another_ca_fails_verification_and_runs_nothing(
     try:
         waiting = right.send_task("caption", kwargs=kwargs, queue=queue)
         worker.start()
-        _wait_for(
+        wait_until(
             lambda: "CERTIFICATE_VERIFY_FAILED" in worker.log() or worker.proc.poll() is not None,
             READY_TIMEOUT_S,
             "the worker logs a certificate verification failure",

@@ -16,7 +16,6 @@ new worker whenever the current one exits, a bounded number of times.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
@@ -28,13 +27,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import png_bytes, producer, worker_env
+from tests.support.processes import pythonpath
 from tests.support.redis_server import RedisServer
 from worker.devstack import LoopbackS3, WorkerProcess
 from worker.errors import ConfigError, ModelLoadError
 from worker.lifecycle import EXIT_HUNG
 from worker.settings import DEADLINE_GRACE_S, Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FAULTY_ENGINE = "tests.support.faulty_engine:load_faulty_engine"
 PRODUCTION_ENGINE = "worker.engine:load_engine"
 # worker.app.EXIT_START_FAILED; importing worker.app here would configure Celery in-process.
@@ -114,11 +113,6 @@ def test_out_of_memory_while_loading_names_the_memory_mode(
 
 
 # --- Process level: helpers --------------------------------------------------------------------
-
-
-def _pythonpath() -> str:
-    parts = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
-    return os.pathsep.join(p for p in parts if p)
 
 
 @dataclass
@@ -257,7 +251,7 @@ def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterat
             s3=s3_server,
             redis_base=redis_server.url,
             queue=queue,
-            PYTHONPATH=_pythonpath(),
+            PYTHONPATH=pythonpath(),
             CAPTION_ENGINE_FACTORY=FAULTY_ENGINE,
             CAPTION_TASK_DEADLINE_S=f"{DEADLINE_S:g}",
             CAPTION_VISIBILITY_MARGIN_S=f"{MARGIN_S:g}",

@@ -445,3 +445,36 @@ def test_collate_left_pads_token_rows_and_stacks_image_rows(first_len: int) -> N
     assert int(batch["attention_mask"][0].sum()) == first_len
     assert tuple(batch["pixel_values"].shape) == (24, 1536)  # image rows are never padded
     assert tuple(batch["image_grid_thw"].shape) == (2, 3)
+
+
+class _Guard:
+    """Records crash accounting the way the Celery task's guard does."""
+
+    def __init__(self, suspect: bool) -> None:
+        self.suspect = suspect
+        self.inside = 0
+        self.entered = 0
+
+    def enter(self) -> None:
+        self.inside += 1
+        self.entered += 1
+
+    def exit(self) -> None:
+        self.inside -= 1
+
+
+def test_a_task_that_crashed_a_worker_before_runs_alone_and_is_accounted() -> None:
+    model = FakeModel()
+    guards = [_Guard(suspect=tag == 2) for tag in range(5)]
+    with running(model, max_batch=8, wait_s=0.5) as batcher:
+        with batcher.expect():
+            futures = [
+                batcher.submit(item(tag), time.monotonic() + LATER, guards[tag]) for tag in range(5)
+            ]
+        outcomes = settle(batcher, futures)
+    assert captions(outcomes) == [f"caption {tag}" for tag in range(5)]
+    assert [2] in model.tag_batches()
+    assert all(2 not in call or call == [2] for call in model.tag_batches())
+    # Every row was inside exactly one generate call, and each call was left again.
+    assert [g.entered for g in guards] == [1] * 5
+    assert [g.inside for g in guards] == [0] * 5
