@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery import states as celery_states
+from redis.exceptions import RedisError
 
 from worker.errors import InvalidRequest, StorageUnavailable, TooManyDeliveries
 from worker.lifecycle import lifecycle
@@ -40,10 +41,18 @@ class _CrashGuard:
     suspect: bool
 
     def enter(self) -> None:
-        self.client.pipeline().incr(self.key).expire(self.key, KEY_TTL_S).execute()
+        # Accounting must never cost a caption: with Redis briefly away (a restart), the
+        # row still runs and only this one crash record is lost.
+        try:
+            self.client.pipeline().incr(self.key).expire(self.key, KEY_TTL_S).execute()
+        except RedisError as exc:
+            log.warning("crash accounting unavailable for %s: %s", self.key, exc)
 
     def exit(self) -> None:
-        self.client.decr(self.key)
+        try:
+            self.client.decr(self.key)
+        except RedisError as exc:
+            log.warning("crash accounting unavailable for %s: %s", self.key, exc)
 
 
 def _crash_guard(task: Task, limit: int) -> _CrashGuard | None:
