@@ -87,14 +87,18 @@ def _images(count: int, side: int) -> list[bytes]:
     return out
 
 
-def _model_dir(config: BenchConfig, workdir: Path) -> Path:
+def _model_dir(config: BenchConfig, workdir: Path, gpu: bool) -> Path:
     if config.random_shape is None:
         from worker.tiny_model import build_tiny_model
 
         return build_tiny_model(workdir / "tiny-model")
     from worker.shapes import random_model_dir
 
-    return random_model_dir(config.random_shape, workdir / f"random-{config.random_shape}")
+    return random_model_dir(
+        config.random_shape,
+        workdir / f"random-{config.random_shape}",
+        device="cuda" if gpu else "cpu",
+    )
 
 
 def _settings(config: BenchConfig, model_dir: Path, gpu: bool) -> Settings:
@@ -266,8 +270,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.is_available()
-    if config.random_shape is not None and not gpu:
-        raise SystemExit("--random-shape needs a CUDA GPU")
+    if config.random_shape not in (None, "tiny-test") and not gpu:
+        raise SystemExit("--random-shape 4b|8b|32b needs a CUDA GPU (tiny-test runs anywhere)")
     report: dict[str, Any] = {
         "machine": machine(),
         "config": {**config.__dict__},
@@ -275,7 +279,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
         workdir = Path(tmp)
-        model_dir = _model_dir(config, workdir)
+        model_dir = _model_dir(config, workdir, gpu)
         settings = _settings(config, model_dir, gpu)
         images = _images(config.tasks, config.image_px)
         if config.mode in ("engine", "all"):

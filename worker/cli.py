@@ -228,7 +228,8 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="Generated tokens per image (fixed).")] = 128,
     image_px: Annotated[int, typer.Option(help="Side of the square test images.")] = 256,
     random_shape: Annotated[
-        str | None, typer.Option(help="4b, 8b or 32b: random weights of a real shape (GPU).")
+        str | None,
+        typer.Option(help="4b, 8b, 32b (GPU) or tiny-test: random weights of that shape."),
     ] = None,
     json_out: Annotated[Path | None, typer.Option(help="Also write the figures here.")] = None,
 ) -> None:

@@ -95,3 +95,22 @@ def test_tiny_model_command_writes_a_loadable_repo(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "tiny" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "sdnq"
+
+
+def test_bench_engine_mode_prints_the_figures_and_the_machine(tmp_path: Path) -> None:
+    # A smoke run of the benchmark command (no timing asserted: benchmarks are commands).
+    out = run(
+        "bench", "--mode", "engine", "--random-shape", "tiny-test", "--tasks", "3",
+        "--max-batch", "3", "--new-tokens", "3", "--image-px", "64",
+        "--json-out", str(tmp_path / "bench.json"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["machine"]["cores"] and "cpu" in report["machine"]
+    for label in ("one_at_a_time", "batched"):
+        figures = report["engine"][label]
+        assert figures["images"] == 3
+        assert figures["generated_tokens_per_s"] > 0
+        assert figures["p95_latency_s"] >= figures["p50_latency_s"] > 0
+    assert report["engine"]["batched"]["batch"] == 3
+    assert report["engine"]["peak_memory_gib"] > 0

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Engine benchmark on a GPU host that has torch, transformers, accelerate and pillow but not
+# this project's other dependencies (the lent H100/H200 machines, for example).
+#
+#   scripts/gpu-bench.sh wheels      # on a machine with PyPI access: fetch wheels into .whl/
+#   scripts/gpu-bench.sh run [8b]    # on the GPU host, in the repository root
+#
+# "run" installs the carried wheels into /tmp/site and prints the JSON report of
+# `caption-worker bench --mode engine`: Qwen3-VL random weights of the given shape,
+# SDNQ uint4 + SVD r32, 1024x1024 images, 128 generated tokens, one image per call against
+# batches of 32. The whole-path mode needs Redis and S3 there too, so it is not run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+wheels)
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl sdnq==0.2.8 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 \
+        annotated-types typing-inspection python-dotenv
+    ;;
+run)
+    shape="${2:-8b}"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -m worker.cli bench --mode engine --random-shape "$shape" \
+        --image-px 1024 --new-tokens 128 --tasks 64 --max-batch 32
+    ;;
+*)
+    sed -n 2,12p "$0"
+    exit 2
+    ;;
+esac
