@@ -2,10 +2,11 @@
 
 Task threads announce themselves with ``expect()`` when they start downloading, then
 ``submit()`` their prepared input and wait on a future. One batcher thread owns the model.
-It runs a batch as soon as the GPU is free and either the batch is full, no announced task
-is still preparing, or the oldest waiting task has waited ``wait_s``: a lone task is never
-held back longer than that, and a burst of tasks is not split by a download that is about
-to land.
+When the model is free it runs the waiting tasks at once unless more are on their way: a
+task still preparing, or one that arrived within the last ``linger_s`` (a burst being
+delivered by the broker). It never holds the oldest task longer than ``wait_s``, so a lone
+task starts at once (after at most ``linger_s``) and a burst fills one batch instead of
+being split by the broker's delivery pace.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class BatchLimits:
     """How large a batch may grow."""
 
     max_batch: int = 32
-    wait_s: float = 0.05
+    wait_s: float = 0.5  # longest the oldest task is held while a batch fills
+    linger_s: float = 0.025  # quiet time after the last arrival that ends a burst
     token_budget: int = 262_144  # padded (prompt + new) tokens per batch
     pad_ratio: float = 2.0  # longest prompt / shortest prompt within a batch
 
@@ -81,6 +83,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
         self._preparing = 0
+        self._last_arrival = 0.0
         self._running = False
         self._thread: threading.Thread | None = None
         # Lowered after an out-of-memory; the largest batch known to fit from then on.
@@ -109,6 +112,7 @@ class Batcher:
         """Mark a task as preparing an input, so a forming batch waits for it briefly."""
         with self._cond:
             self._preparing += 1
+            self._last_arrival = time.monotonic()
         try:
             yield
         finally:
@@ -125,6 +129,7 @@ class Batcher:
             if not self._running:
                 raise CaptionFailed("the worker is shutting down")
             self._pending.append(_Pending(item, deadline, future, guard=guard))
+            self._last_arrival = time.monotonic()
             self._cond.notify_all()
         return future
 
@@ -147,14 +152,14 @@ class Batcher:
                     return None
                 self._cond.wait()
             oldest = self._pending[0].arrived
-            # Wait for announced tasks to land while there is room, bounded by wait_s.
-            while (
-                self._running
-                and self._preparing > 0
-                and len(self._pending) < self.batch_cap
-                and (left := oldest + self._limits.wait_s - time.monotonic()) > 0
-            ):
-                self._cond.wait(left)
+            # Wait while more tasks are on their way and there is room, bounded by wait_s.
+            while self._running and len(self._pending) < self.batch_cap:
+                now = time.monotonic()
+                left = oldest + self._limits.wait_s - now
+                quiet = self._last_arrival + self._limits.linger_s - now
+                if left <= 0 or (self._preparing == 0 and quiet <= 0):
+                    break
+                self._cond.wait(left if self._preparing else min(left, quiet))
             batch = self._select()
             chosen = {id(entry) for entry in batch}
             self._pending = [e for e in self._pending if id(e) not in chosen]

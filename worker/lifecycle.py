@@ -90,6 +90,7 @@ class Lifecycle:
                 BatchLimits(
                     max_batch=settings.max_batch,
                     wait_s=settings.batch_wait_ms / 1000,
+                    linger_s=settings.batch_linger_ms / 1000,
                     token_budget=settings.batch_token_budget,
                     pad_ratio=settings.batch_pad_ratio,
                 ),

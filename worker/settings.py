@@ -70,7 +70,8 @@ class Settings(BaseSettings):
 
     # Batching.
     max_batch: int = Field(32, ge=1, le=1_024)
-    batch_wait_ms: int = Field(50, ge=0)
+    batch_wait_ms: int = Field(500, ge=0)
+    batch_linger_ms: int = Field(25, ge=0)
     batch_token_budget: int = Field(262_144, ge=1_024)
     batch_pad_ratio: float = Field(2.0, ge=1.0)
     concurrency: int | None = Field(None, ge=1)  # task threads; default max_batch + 4
