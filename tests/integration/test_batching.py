@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
+from tests.support.batching import settle  # noqa: E402
 from tests.support.faulty_engine import FaultyEngine  # noqa: E402
 from worker.batcher import Batcher, BatchLimits  # noqa: E402
 from worker.engine import PATCH_PIXELS, CaptionOutput, Engine, PreparedInput, load_engine  # noqa: E402
@@ -142,20 +143,6 @@ def running(model: Recording, **limits: Any) -> Iterator[Batcher]:
         batcher.stop(timeout=30)
 
 
-def settle(batcher: Batcher, futures: Sequence[Future[Any]], timeout: float = 30.0) -> list[Any]:
-    """Each future's result or exception; fails fast if the batcher thread has died."""
-    end = time.monotonic() + timeout
-    left = set(futures)
-    while left:
-        _, left = wait(left, timeout=0.1)
-        thread = batcher._thread
-        if left and thread is not None and not thread.is_alive():
-            pytest.fail(f"the batcher thread died with {len(left)} task(s) still waiting")
-        if left and time.monotonic() > end:
-            pytest.fail(f"{len(left)} task(s) got no answer within {timeout}s")
-    return [f.exception() or f.result() for f in futures]
-
-
 def test_alone_captions_tell_images_and_prompts_apart(alone: dict[Key, CaptionOutput]) -> None:
     # The comparisons below can only catch a swapped or corrupted row if captions differ.
     texts = [out.text for out in alone.values()]
@@ -234,7 +221,7 @@ def test_out_of_memory_split_gives_every_task_its_alone_caption(
 
         with ThreadPoolExecutor(len(keys)) as pool:
             futures = list(pool.map(task, keys))
-        outcomes = settle(batcher, futures)
+        outcomes = settle(batcher, futures, timeout=30.0)
 
     for key, outcome in zip(keys, outcomes, strict=True):
         assert isinstance(outcome, CaptionOutput), (key, outcome)
@@ -261,7 +248,7 @@ def test_broken_row_fails_alone_and_its_neighbours_keep_their_captions(
     with running(model, max_batch=8, wait_s=5.0, pad_ratio=4.0) as batcher:
         with batcher.expect():
             futures = [batcher.submit(item, time.monotonic() + 60) for item in batch]
-        outcomes = settle(batcher, futures)
+        outcomes = settle(batcher, futures, timeout=30.0)
 
     assert isinstance(outcomes[1], CaptionFailed), outcomes[1]
     for key, outcome in zip(good, [outcomes[0], *outcomes[2:]], strict=True):
@@ -302,7 +289,7 @@ def test_service_burst_with_an_undecodable_image_captions_the_rest(
 
         try:
             calls = [pool.submit(task, data) for data in uploads]
-            results = settle(batcher, calls)
+            results = settle(batcher, calls, timeout=30.0)
         finally:
             pool.shutdown(wait=False)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.support.batching import settle  # noqa: E402
 from worker.batcher import Batcher, BatchLimits  # noqa: E402
 from worker.engine import CaptionOutput, PreparedInput, collate  # noqa: E402
 from worker.errors import CaptionFailed, CaptionTimeout  # noqa: E402
@@ -127,22 +128,6 @@ def running(model: FakeModel, **limits: Any) -> Iterator[Batcher]:
         yield batcher
     finally:
         batcher.stop(timeout=5)
-
-
-def settle(
-    batcher: Batcher, futures: Sequence[Future[CaptionOutput]], timeout: float = 5.0
-) -> list[CaptionOutput | BaseException]:
-    """Each future's caption or exception; fails fast if the batcher thread has died."""
-    end = time.monotonic() + timeout
-    left = set(futures)
-    while left:
-        _, left = wait(left, timeout=0.05)
-        thread = batcher._thread
-        if left and thread is not None and not thread.is_alive():
-            pytest.fail(f"the batcher thread died with {len(left)} task(s) still waiting")
-        if left and time.monotonic() > end:
-            pytest.fail(f"{len(left)} task(s) got no answer within {timeout}s")
-    return [f.exception() or f.result() for f in futures]
 
 
 def captions(outcomes: Sequence[CaptionOutput | BaseException]) -> list[str]:
