@@ -88,7 +88,6 @@ class Batcher:
         self._thread: threading.Thread | None = None
         # Lowered after an out-of-memory; the largest batch known to fit from then on.
         self.batch_cap = limits.max_batch
-        self.batches_run = 0
         # monotonic start of the generate call in progress, for the hang watchdog.
         self.busy_since: float | None = None
 
@@ -231,7 +230,6 @@ class Batcher:
             log.warning("generate failed for a batch of %d (%r); isolating", len(batch), exc)
             return max(self._run([entry], top=False) for entry in batch)
         self.busy_since = None
-        self.batches_run += 1
         for entry, output in zip(batch, outputs, strict=True):
             if output.finish_reason == "timeout":
                 took = f"{output.seconds:.1f}s in the model"

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.engine import CaptionOutput, Engine, PreparedInput, load_engine
-from worker.request import GenerationOptions
 from worker.settings import Settings
 
 MARKERS = ("[slow]", "[hang]", "[kill]")
@@ -85,6 +84,3 @@ def load_faulty_engine(settings: Settings) -> Engine:
     """The production loader, wrapped."""
     real = load_engine(settings)
     return FaultyEngine(real.model, real.processor, real.resolved, real.device, real.provenance)
-
-
-__all__ = ["GenerationOptions", "load_faulty_engine"]

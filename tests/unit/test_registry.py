@@ -55,3 +55,11 @@ def test_local_directory_is_a_custom_model_path(tmp_path: Path) -> None:
 def test_unusable_specs_are_config_errors(spec: str) -> None:
     with pytest.raises(ConfigError, match="CAPTION_MODEL"):
         resolve_model(spec)
+
+
+def test_readme_documents_every_failure_name_producers_can_see() -> None:
+    from worker.errors import PRODUCER_VISIBLE
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for error in PRODUCER_VISIBLE:
+        assert f"| `{error.__name__}` |" in readme, error.__name__
