@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,26 +28,6 @@ def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def visible_gpus() -> list[str]:
-    """GPU indices this host offers: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 @app.command()
 def worker(
     gpus: Annotated[
@@ -60,7 +36,7 @@ def worker(
     dry_run: Annotated[bool, typer.Option(help="Print the worker commands and exit.")] = False,
 ) -> None:
     """Start one Celery worker process per visible GPU (or one CPU worker)."""
-    from worker.devstack import worker_command
+    from worker.queue.launcher import plan_workers, run_workers, visible_gpus
 
     try:
         settings = load_settings()
@@ -68,41 +44,12 @@ def worker(
     except CaptionError as exc:
         raise _fail(exc, 2) from None
     devices = [g for g in gpus.split(",") if g] if gpus is not None else visible_gpus()
-    plan: list[tuple[str, dict[str, str]]] = []
-    if devices:
-        for gpu in devices:
-            env = {"CUDA_VISIBLE_DEVICES": gpu}
-            plan.append((f"gpu{gpu}@%h", env))
-    else:
-        plan.append(("cpu@%h", {"CUDA_VISIBLE_DEVICES": ""}))
-    commands = [
-        (worker_command(settings.queue, node, settings.log_level), env) for node, env in plan
-    ]
+    plans = plan_workers(devices, settings.queue, settings.log_level)
     if dry_run:
-        for cmd, env in commands:
-            prefix = " ".join(f"{k}={v}" for k, v in env.items())
-            typer.echo(f"{prefix} {' '.join(cmd)}")
+        for plan in plans:
+            typer.echo(plan.shell())
         return
-    procs = [subprocess.Popen(cmd, env={**os.environ, **env}) for cmd, env in commands]
-
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, forward)
-    # One GPU worker failing means the host is degraded: stop the rest so the supervisor
-    # (compose, Kubernetes, systemd) restarts the whole unit.
-    code = 0
-    while any(p.poll() is None for p in procs):
-        for proc in procs:
-            if proc.poll() not in (None, 0) and code == 0:
-                code = proc.returncode
-                forward(signal.SIGTERM, None)
-        time.sleep(0.5)
-    codes = [p.returncode for p in procs]
-    raise typer.Exit(code or max(codes, key=abs))
+    raise typer.Exit(run_workers(plans))
 
 
 @app.command()
@@ -172,10 +119,10 @@ def caption(
     max_new_tokens: Annotated[int, typer.Option(help="Caption length cap.")] = 512,
 ) -> None:
     """Caption one image in this process, with no broker: try a model locally."""
-    from worker.local import caption_locally
+    from worker.runtime.local import caption_locally
 
     try:
-        _print_json(caption_locally(load_settings(), source, prompt, max_new_tokens))
+        _print_json(caption_locally(load_settings(), source, prompt, max_new_tokens).to_json())
     except CaptionError as exc:
         raise _fail(exc) from None
 
@@ -183,7 +130,7 @@ def caption(
 @app.command()
 def models() -> None:
     """List the model catalogue; the worker serves the text-output entries."""
-    from worker.registry import CATALOGUE
+    from worker.engine.catalogue import CATALOGUE
 
     for entry in sorted(CATALOGUE, key=lambda e: -e.priority):
         mark = "serves" if entry.output_type == "text" else "refuses"
@@ -200,7 +147,7 @@ def tiny_model(
 ) -> None:
     """Write a tiny random SDNQ Qwen3-VL that loads like a hub repo (smoke tests)."""
     os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
-    from worker.tiny_model import build_tiny_model
+    from worker.devtools.tiny_model import build_tiny_model
 
     typer.echo(str(build_tiny_model(directory, seed=seed)))
 
@@ -212,7 +159,7 @@ def demo(
     ] = None,
 ) -> None:
     """End to end on this machine: S3 + worker + tiny model unless configured otherwise."""
-    from worker.demo import run_demo
+    from worker.devtools.demo import run_demo
 
     try:
         _print_json(run_demo(image))
@@ -234,7 +181,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option(help="Also write the figures here.")] = None,
 ) -> None:
     """Measure images/s one-at-a-time against batched, engine-only and through the queue."""
-    from worker.bench import BenchConfig, run_bench
+    from worker.devtools.bench import BenchConfig, run_bench
 
     config = BenchConfig(mode, tasks, max_batch, new_tokens, image_px, random_shape)
     report = run_bench(config)

@@ -14,11 +14,9 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from worker.contract import TASK_NAME
+from worker.queue.keys import QUEUED_KEY
 from worker.settings import Settings
-
-TASK_NAME = "caption"
-#: Set by ``submit`` with the result TTL; its presence turns PENDING into QUEUED.
-QUEUED_KEY = "caption:queued:{task_id}"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 class CaptionError(Exception):
     """Base class of every error this worker reports to producers."""
 
-    #: Whether the task may be retried with backoff before it is failed.
+    #: Whether the task is retried with backoff (``CAPTION_STORAGE_RETRIES``) before it fails.
     retryable: bool = False
 
 
@@ -64,6 +64,10 @@ class ConfigError(CaptionError):
 
 class ModelLoadError(CaptionError):
     """Raised at start when the model cannot be loaded; the process exits."""
+
+
+class LifecycleError(CaptionError):
+    """Raised when the worker is asked for a state change its lifecycle does not allow."""
 
 
 #: The exception type names a producer can see on a FAILURE, documented in the README.

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     memory_mode: Literal["gpu", "balanced", "lowvram"] = "gpu"
     auto_download: bool = True
     device: str | None = None  # "cuda", "cuda:1" or "cpu"; None picks CUDA when present
-    engine_factory: str = "worker.engine:load_engine"
+    engine_factory: str = "worker.engine.hf_generate:load_engine"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # SDNQ's int matmul path; measured slower than dequantize-then-matmul for decoding.
     sdnq_quantized_matmul: bool = False

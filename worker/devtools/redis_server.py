@@ -1,19 +1,21 @@
-"""A private ``redis-server`` on a free loopback port, for tests that stop or restart it.
-
-The machine's shared Redis on 6379 is never touched by these tests.
+"""A private ``redis-server`` on a free loopback port: for the demo and the benchmark when no
+Redis answers, and for tests that stop or restart Redis (the shared one is never touched).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
 import redis
 
-from worker.devstack import free_port
+from worker.devtools.loopback import free_port
+from worker.errors import ConfigError
 
 
 class RedisServer:
@@ -76,3 +78,28 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url``."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+def reachable_redis(url: str, stack: ExitStack, data_dir: Path) -> str:
+    """``url`` if Redis answers there, else the URL of a private server started on ``stack``.
+
+    Raises ConfigError naming both ways out when neither is possible.
+    """
+    if redis_answers(url):
+        return url
+    if shutil.which("redis-server") is None:
+        raise ConfigError(
+            f"cannot reach Redis at {url} and redis-server is not installed; start a Redis "
+            "(`redis-server --daemonize yes`) or point CAPTION_BROKER_URL at yours"
+        )
+    server = stack.enter_context(RedisServer(data_dir, appendonly=False))
+    print(f"no Redis at {url}: started a private redis-server at {server.url}", file=sys.stderr)
+    return f"{server.url}/0"

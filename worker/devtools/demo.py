@@ -2,7 +2,8 @@
 
 Whatever is not configured is provided locally: a tiny random SDNQ model when
 ``CAPTION_MODEL`` is unset, and a loopback S3 server when no S3 endpoint is set. Redis
-comes from ``CAPTION_BROKER_URL`` (a local Redis by default). The demo uploads an image,
+comes from ``CAPTION_BROKER_URL`` (a local Redis by default); when nothing answers there and
+``redis-server`` is installed, a private one starts on a free port. The demo uploads an image,
 starts a real worker process, enqueues a caption task, prints the result and stops.
 """
 
@@ -17,7 +18,6 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ConfigError
 from worker.settings import load_settings
 
 DEMO_BUCKET = "caption-demo"
@@ -36,32 +36,25 @@ def sample_image() -> bytes:
     return out.getvalue()
 
 
-def _check_redis(url: str) -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
-        raise ConfigError(
-            f"cannot reach Redis at CAPTION_BROKER_URL ({exc}); start one with "
-            "`redis-server --daemonize yes` or point CAPTION_BROKER_URL at yours"
-        ) from None
-
-
 def run_demo(image: Path | None) -> dict[str, Any]:
     """Upload, enqueue, caption with a real worker process, and return the result."""
     from worker.client import CaptionClient
-    from worker.devstack import LoopbackS3, WorkerProcess
+    from worker.devtools.loopback import LoopbackS3
+    from worker.devtools.processes import WorkerProcess
+    from worker.devtools.redis_server import reachable_redis
 
     settings = load_settings()
-    _check_redis(settings.broker_url)
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="caption-demo-")))
         env: dict[str, str] = {
             "SDNQ_USE_TORCH_COMPILE": os.environ.get("SDNQ_USE_TORCH_COMPILE", "0")
         }
+        broker = reachable_redis(settings.broker_url, stack, workdir / "redis")
+        if broker != settings.broker_url:
+            env |= {"CAPTION_BROKER_URL": broker, "CAPTION_RESULT_BACKEND": broker}
+            settings = settings.model_copy(update={"broker_url": broker, "result_backend": broker})
         if "CAPTION_MODEL" not in os.environ:
-            from worker.tiny_model import build_tiny_model
+            from worker.devtools.tiny_model import build_tiny_model
 
             print(
                 "CAPTION_MODEL is unset: building a tiny random SDNQ model (gibberish captions)",

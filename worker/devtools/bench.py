@@ -89,10 +89,10 @@ def _images(count: int, side: int) -> list[bytes]:
 
 def _model_dir(config: BenchConfig, workdir: Path, gpu: bool) -> Path:
     if config.random_shape is None:
-        from worker.tiny_model import build_tiny_model
+        from worker.devtools.tiny_model import build_tiny_model
 
         return build_tiny_model(workdir / "tiny-model")
-    from worker.shapes import random_model_dir
+    from worker.devtools.shapes import random_model_dir
 
     return random_model_dir(
         config.random_shape,
@@ -137,27 +137,15 @@ def _summary(latencies: list[float], wall: float, images: int, tokens: int) -> d
 
 def bench_engine(config: BenchConfig, settings: Settings, images: list[bytes]) -> dict[str, Any]:
     """Generate time for the same prepared inputs, one per call and batched."""
-    from worker.engine import load_engine
-    from worker.images import decode_image, fit_pixel_budget
-    from worker.request import GenerationOptions
+    from worker.contract import parse_request
+    from worker.runtime.bootstrap import build_runtime
 
-    engine = load_engine(settings)
+    runtime = build_runtime(settings, "bench")  # not started: generate is called directly
+    engine = runtime.engine
     engine.warm_up()
+    request = parse_request({"image": "bench", "max_new_tokens": config.new_tokens}, settings)
     started = time.perf_counter()
-    items = [
-        engine.prepare(
-            fit_pixel_budget(
-                decode_image(data, max_decoded_pixels=settings.max_decoded_pixels),
-                settings.max_pixels,
-            ),
-            settings.default_prompt,
-            max_new_tokens=config.new_tokens,
-            options=GenerationOptions(),
-            max_pixels=settings.max_pixels,
-            min_pixels=settings.min_pixels,
-        )
-        for data in images
-    ]
+    items = [runtime.service.prepare(request, data)[0] for data in images]
     prepare_s = time.perf_counter() - started
     result: dict[str, Any] = {
         "prompt_tokens": items[0].prompt_tokens,
@@ -189,10 +177,14 @@ def bench_path(
 
     from celery import Celery
 
-    from worker.devstack import LoopbackS3, WorkerProcess
+    from worker.devtools.loopback import LoopbackS3
+    from worker.devtools.processes import WorkerProcess
+    from worker.devtools.redis_server import reachable_redis
 
     base = load_settings()  # broker and backend URLs from the environment
     with ExitStack() as stack:
+        broker = reachable_redis(base.broker_url, stack, workdir / "redis")
+        backend = base.result_backend if broker == base.broker_url else broker
         if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
             import boto3
 
@@ -211,8 +203,8 @@ def bench_path(
             queue = f"bench-{uuid.uuid4().hex[:8]}"
             env = {
                 **s3_env,
-                "CAPTION_BROKER_URL": base.broker_url,
-                "CAPTION_RESULT_BACKEND": base.result_backend,
+                "CAPTION_BROKER_URL": broker,
+                "CAPTION_RESULT_BACKEND": backend,
                 "CAPTION_QUEUE": queue,
                 "CAPTION_MODEL": str(model_dir),
                 "CAPTION_DTYPE": settings.dtype,
@@ -226,7 +218,7 @@ def bench_path(
             }
             worker = WorkerProcess(env, workdir / f"worker-{label}.log")
             with worker:
-                producer = Celery("bench", broker=base.broker_url, backend=base.result_backend)
+                producer = Celery("bench", broker=broker, backend=backend)
                 try:
                     result[label] = _drive(producer, queue, uris, config.new_tokens)
                 finally:

@@ -1,4 +1,4 @@
-"""The model: load an SDNQ-quantized Qwen3-VL once, prepare inputs, caption batches.
+"""Today's engine: one Hugging Face ``generate`` call captions a whole batch.
 
 ``prepare`` runs in task threads (tokenising and image preprocessing overlap the GPU);
 ``generate`` runs only in the batcher thread, which owns the model. Inputs are prepared one
@@ -8,66 +8,32 @@ the batch at once and keeps greedy captions identical at any batch size.
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from worker.errors import CaptionFailed, ModelLoadError
-from worker.registry import ResolvedModel, resolve_model
-from worker.request import GenerationOptions
+from worker.contract import GenerationOptions
+from worker.engine.base import PATCH_PIXELS, CaptionOutput, FinishReason, ModelInfo, PreparedInput
+from worker.engine.loading import load_model
+from worker.errors import CaptionFailed
 from worker.settings import Settings
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "timeout"]
-PATCH_PIXELS = 32 * 32  # Qwen3-VL: one image token per 32x32 pixels after the 2x2 merge
+class GenerateEngine:
+    """A loaded model and processor; captions batches with ``model.generate``."""
 
-
-@dataclass
-class PreparedInput:
-    """One task's model input, ready to be collated into a batch."""
-
-    tensors: dict[str, Any]  # one row each; sequence tensors are (1, prompt_tokens)
-    prompt_tokens: int
-    image_size: tuple[int, int]  # (width, height) the model sees
-    max_new_tokens: int
-    options: GenerationOptions
-
-
-@dataclass
-class CaptionOutput:
-    """One row of a generate call."""
-
-    text: str
-    prompt_tokens: int
-    generated_tokens: int
-    finish_reason: FinishReason
-    seconds: float
-    batch_size: int
-
-
-@dataclass
-class Engine:
-    """A loaded model and processor, plus what results report about them."""
-
-    model: Any
-    processor: Any
-    resolved: ResolvedModel
-    device: str
-    provenance: dict[str, Any] = field(default_factory=dict)
-    loaded_at: float = field(default_factory=time.time)
+    def __init__(self, model: Any, processor: Any, info: ModelInfo) -> None:
+        self.model = model
+        self.processor = processor
+        self._info = info
 
     @property
-    def name(self) -> str:
-        return self.resolved.name
+    def info(self) -> ModelInfo:
+        return self._info
 
     @property
     def oom_errors(self) -> tuple[type[BaseException], ...]:
@@ -142,7 +108,8 @@ class Engine:
             torch.manual_seed(options.seed)
         started = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(
+            out = self._generate(
+                batch,
                 **inputs,
                 max_new_tokens=max_new,
                 pad_token_id=self._pad_id,
@@ -159,6 +126,10 @@ class Engine:
             self._row(tokens, item, eos, cut[i] if cut else None, seconds, len(batch))
             for i, (tokens, item) in enumerate(zip(new_tokens, batch, strict=True))
         ]
+
+    def _generate(self, batch: Sequence[PreparedInput], **kwargs: Any) -> Any:
+        """The one ``model.generate`` call; a subclass may add logits processors per batch."""
+        return self.model.generate(**kwargs)
 
     def _row(
         self,
@@ -258,107 +229,6 @@ class _Deadlines:
         return torch.tensor(expired, dtype=torch.bool, device=input_ids.device)
 
 
-def _dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def placement(settings: Settings, cuda_available: bool) -> tuple[str, dict[str, Any]]:
-    """The execution device and ``from_pretrained`` placement kwargs for a memory mode."""
-    device = settings.device or ("cuda:0" if cuda_available else "cpu")
-    if device == "cuda":
-        device = "cuda:0"
-    if device.startswith("cpu") or settings.memory_mode == "gpu":
-        return device, {"device_map": {"": device}}
-    if settings.memory_mode == "balanced":
-        # accelerate spreads layers over every visible GPU and spills the rest to CPU RAM.
-        return device, {"device_map": "auto"}
-    # lowvram: weights stay in CPU RAM and stream to the GPU layer by layer (see load_engine).
-    return device, {"device_map": {"": "cpu"}}
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("torch", "transformers", "sdnq", "accelerate"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def load_engine(settings: Settings) -> Engine:
-    """Load the configured model and processor once; raise ModelLoadError on any failure."""
-    resolved = resolve_model(settings.model)
-    started = time.perf_counter()
-    import torch
-
-    try:
-        import sdnq  # noqa: F401  (registers quant_method "sdnq" with transformers)
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        device, where = placement(settings, torch.cuda.is_available())
-        common: dict[str, Any] = {
-            "revision": settings.revision,
-            "local_files_only": resolved.is_local or not settings.auto_download,
-        }
-        model = AutoModelForImageTextToText.from_pretrained(
-            resolved.source,
-            dtype=_dtype(settings.dtype),
-            attn_implementation=settings.attn_implementation,
-            **where,
-            **common,
-        )
-        if settings.memory_mode == "lowvram" and device.startswith("cuda"):
-            from accelerate import cpu_offload
-
-            cpu_offload(model, execution_device=torch.device(device))
-        if settings.sdnq_quantized_matmul:
-            from sdnq.loader import apply_sdnq_options_to_model
-
-            model = apply_sdnq_options_to_model(model, use_quantized_matmul=True)
-        model.eval()  # type: ignore[no-untyped-call]
-        processor = AutoProcessor.from_pretrained(resolved.source, **common)  # type: ignore[no-untyped-call]
-    except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(
-            f"out of memory loading {resolved.name} ({settings.dtype}, memory_mode="
-            f"{settings.memory_mode}); try CAPTION_MEMORY_MODE=balanced or lowvram: {exc}"
-        ) from None
-    except OSError as exc:
-        hint = (
-            " CAPTION_AUTO_DOWNLOAD is off and the files are not in the local Hugging Face "
-            f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})."
-            if not settings.auto_download and not resolved.is_local
-            else ""
-        )
-        raise ModelLoadError(f"cannot load model {resolved.name}:{hint} {exc}") from None
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load model {resolved.name}: {exc!r}") from None
-    quant = getattr(model.config, "quantization_config", None)
-    quant_dict = quant if isinstance(quant, dict) else getattr(quant, "to_dict", dict)()
-    provenance = {
-        "model_source": resolved.source,
-        "revision": getattr(model.config, "_commit_hash", None) or settings.revision,
-        "quantization": {
-            # quant_method is an Enum in transformers; results must stay plain JSON.
-            k: str(getattr(quant_dict[k], "value", quant_dict[k]))
-            if k == "quant_method"
-            else quant_dict[k]
-            for k in ("quant_method", "weights_dtype", "use_svd", "svd_rank")
-            if k in quant_dict
-        },
-        "dtype": settings.dtype,
-        "device": device,
-        "versions": _versions(),
-    }
-    engine = Engine(model, processor, resolved, device, provenance)
-    log.info(
-        "model loaded: %s from %s on %s in %.1fs (pid %d)",
-        resolved.name,
-        resolved.source,
-        device,
-        time.perf_counter() - started,
-        os.getpid(),
-    )
-    return engine
+def load_engine(settings: Settings) -> GenerateEngine:
+    """The default ``CAPTION_ENGINE_FACTORY``: load the configured model once."""
+    return GenerateEngine(*load_model(settings))

@@ -1,13 +1,15 @@
-"""Validation of a caption task's keyword arguments against the task contract.
+"""The task contract in types: a parsed request, its generation options, the result.
 
 Producers call ``send_task("caption", kwargs={...})`` from any codebase, so arguments arrive
 as plain JSON values. Everything is checked strictly here (no "512" for 512, no unknown
 keys) so a bad request fails at once with ``InvalidRequest`` instead of deep in the model.
+JSON ``null`` for an optional argument means "not given" (JavaScript producers send it for
+unset fields); ``image`` is required and never null.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worker.errors import InvalidRequest
 from worker.settings import Settings
 
+#: The task's registered name; producers send it with ``send_task``.
+TASK_NAME = "caption"
 DEFAULT_MAX_NEW_TOKENS = 512
 
 
@@ -65,7 +69,7 @@ class _Kwargs(BaseModel):
     prompt: str | None = None
     max_new_tokens: int | None = Field(None, ge=1)
     model: str | None = None
-    do_sample: bool = False
+    do_sample: bool | None = None
     temperature: float | None = Field(None, gt=0, le=10)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -114,7 +118,7 @@ def parse_request(kwargs: dict[str, Any], settings: Settings) -> CaptionRequest:
             f"limit of {settings.max_pixels}"
         )
     options = GenerationOptions(
-        do_sample=raw.do_sample,
+        do_sample=bool(raw.do_sample),
         temperature=raw.temperature,
         top_p=raw.top_p,
         top_k=raw.top_k,
@@ -130,3 +134,36 @@ def parse_request(kwargs: dict[str, Any], settings: Settings) -> CaptionRequest:
         options=options,
         max_pixels=max(max_pixels, settings.min_pixels),
     )
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """A successful task's result; ``to_json`` is the object producers read.
+
+    Field order is the JSON key order, which is part of the contract (results are compared
+    byte for byte across duplicate deliveries).
+    """
+
+    text: str
+    model: str
+    image: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    seconds: float  # time in the model, rounded to 0.1 ms
+    batch_size: int
+    worker: str
+    image_size: tuple[int, int]  # as stored
+    model_image_size: tuple[int, int]  # after the pixel budget, as the model saw it
+    model_revision: str | None
+    quantization: dict[str, Any] | None
+    dtype: str | None
+    versions: dict[str, str] | None
+    model_loaded_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as plain JSON values (tuples become lists)."""
+        out = asdict(self)
+        out["image_size"] = list(self.image_size)
+        out["model_image_size"] = list(self.model_image_size)
+        return out

@@ -4,7 +4,7 @@
 random bf16 weights on a GPU, SDNQ-quantizes it to uint4 + SVD (rank 32) like the
 Disty0 checkpoints, and saves it as a loadable repo. Its speed and memory match the real
 model's; its captions are gibberish. The tokenizer, chat template and processor come
-from the tiny model (``worker.tiny_model``) with the real Qwen3-VL pixel limits; their
+from the tiny model (``worker.devtools.tiny_model``) with the real Qwen3-VL pixel limits; their
 token ids are all below the real vocabulary size, so they index the real-size embedding.
 
 ``"tiny-test"`` is a tiny shape that runs on a CPU, so the code path stays tested.
@@ -17,25 +17,27 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from worker.tiny_model import (
-    REAL_IMAGE_SIZE,
-    REAL_VIDEO_SIZE,
+from worker.devtools.tiny_model import (
     TINY_TEXT,
     TINY_VISION,
-    caption_token_ids,
     make_config,
-    make_processor,
     save_world_readable,
     shape_output_head,
     sort_quantization_lists,
+)
+from worker.devtools.tiny_processor import (
+    REAL_IMAGE_SIZE,
+    REAL_VIDEO_SIZE,
+    caption_token_ids,
+    make_processor,
     special_token_ids,
     untyped_transformers,
 )
 
 QWEN3_VL_VOCAB_SIZE = 151936
 
-# Text decoder dimensions, as in the released configs and shared/tools/gpu_anchor.py. Like the
-# anchor, every shape keeps lm_head separate from the embedding (the released 4B ties them).
+# Text decoder dimensions, as in the released Qwen3-VL configs. Every shape keeps lm_head
+# separate from the embedding (the released 4B ties them) so all sizes measure the same layout.
 TEXT_SHAPES: dict[str, dict[str, Any]] = {
     "tiny-test": dict(TINY_TEXT),
     "4b": {
@@ -142,7 +144,7 @@ def random_model_dir(
     with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as scratch:
         source = tokenizer_from
         if source is None:
-            from worker.tiny_model import build_tiny_model
+            from worker.devtools.tiny_model import build_tiny_model
 
             source = build_tiny_model(Path(scratch) / "tiny")
         borrowed = tf.AutoProcessor.from_pretrained(source)

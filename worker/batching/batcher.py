@@ -15,39 +15,17 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from worker.engine import CaptionOutput, PreparedInput
+from worker.batching.policy import BatchLimits, select_batch, wait_before_batch
+from worker.contract import GenerationOptions
+from worker.engine.base import BatchEngine, CaptionOutput, PreparedInput, RunGuard
 from worker.errors import CaptionFailed, CaptionTimeout
 
 log = logging.getLogger(__name__)
-
-
-class BatchModel(Protocol):
-    """What the batcher needs from an engine."""
-
-    @property
-    def oom_errors(self) -> tuple[type[BaseException], ...]: ...
-
-    def release_memory(self) -> None: ...
-
-    def generate(
-        self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
-    ) -> list[CaptionOutput]: ...
-
-
-class RunGuard(Protocol):
-    """Told when a task's row enters and leaves a generate call (crash accounting)."""
-
-    suspect: bool  # an earlier generate call with this task in it never returned
-
-    def enter(self) -> None: ...
-
-    def exit(self) -> None: ...
 
 
 @dataclass(eq=False)  # identity, not field equality: fields hold tensors
@@ -62,22 +40,24 @@ class _Pending:
     def suspect(self) -> bool:
         return self.guard is not None and self.guard.suspect
 
+    # The policy's view of a row (worker.batching.policy.Row).
+    @property
+    def prompt_tokens(self) -> int:
+        return self.item.prompt_tokens
 
-@dataclass(frozen=True)
-class BatchLimits:
-    """How large a batch may grow."""
+    @property
+    def max_new_tokens(self) -> int:
+        return self.item.max_new_tokens
 
-    max_batch: int = 32
-    wait_s: float = 0.5  # longest the oldest task is held while a batch fills
-    linger_s: float = 0.025  # quiet time after the last arrival that ends a burst
-    token_budget: int = 262_144  # padded (prompt + new) tokens per batch
-    pad_ratio: float = 2.0  # longest prompt / shortest prompt within a batch
+    @property
+    def options(self) -> GenerationOptions:
+        return self.item.options
 
 
 class Batcher:
     """Collects prepared inputs from task threads and runs them in shared generate calls."""
 
-    def __init__(self, model: BatchModel, limits: BatchLimits) -> None:
+    def __init__(self, model: BatchEngine, limits: BatchLimits) -> None:
         self._model = model
         self._limits = limits
         self._cond = threading.Condition()
@@ -97,6 +77,10 @@ class Batcher:
             self._running = True
         self._thread = threading.Thread(target=self._loop, name="caption-batcher", daemon=True)
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        """Whether the batcher thread is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop the thread."""
@@ -151,22 +135,28 @@ class Batcher:
                     return None
                 self._cond.wait()
             oldest = self._pending[0].arrived
-            # Wait while more tasks are on their way and there is room, bounded by wait_s.
-            while self._running and len(self._pending) < self.batch_cap:
-                now = time.monotonic()
-                left = oldest + self._limits.wait_s - now
-                quiet = self._last_arrival + self._limits.linger_s - now
-                if left <= 0 or (self._preparing == 0 and quiet <= 0):
+            while self._running:
+                pause = wait_before_batch(
+                    now=time.monotonic(),
+                    oldest=oldest,
+                    last_arrival=self._last_arrival,
+                    preparing=self._preparing,
+                    waiting=len(self._pending),
+                    cap=self.batch_cap,
+                    limits=self._limits,
+                )
+                if pause is None:
                     break
-                self._cond.wait(left if self._preparing else min(left, quiet))
-            batch = self._select()
+                self._cond.wait(pause)
+            self._pending = self._live()
+            batch = select_batch(self._pending, self.batch_cap, self._limits)
             chosen = {id(entry) for entry in batch}
             self._pending = [e for e in self._pending if id(e) not in chosen]
             # A running future can no longer be cancelled by its task thread.
             return [e for e in batch if e.future.set_running_or_notify_cancel()]
 
-    def _select(self) -> list[_Pending]:
-        """The oldest task plus the compatible tasks closest to it in prompt length."""
+    def _live(self) -> list[_Pending]:
+        """Waiting entries still worth running; expired ones fail, cancelled ones drop."""
         now = time.monotonic()
         live = []
         for entry in self._pending:
@@ -178,30 +168,7 @@ class Batcher:
                 )
                 continue
             live.append(entry)
-        self._pending = live
-        if not live:
-            return []
-        first = live[0]
-        if first.suspect:
-            return [first]  # it may be what killed the last worker: never take others along
-        same = [e for e in live[1:] if e.item.options == first.item.options and not e.suspect]
-        same.sort(key=lambda e: (abs(e.item.prompt_tokens - first.item.prompt_tokens), e.arrived))
-        chosen = [first]
-        shortest = longest = first.item.prompt_tokens
-        most_new = first.item.max_new_tokens
-        for entry in same:
-            if len(chosen) >= self.batch_cap:
-                break
-            lo = min(shortest, entry.item.prompt_tokens)
-            hi = max(longest, entry.item.prompt_tokens)
-            new = max(most_new, entry.item.max_new_tokens)
-            if hi > self._limits.pad_ratio * lo:
-                continue  # this bucket would waste too much on padding
-            if (hi + new) * (len(chosen) + 1) > self._limits.token_budget:
-                continue
-            chosen.append(entry)
-            shortest, longest, most_new = lo, hi, new
-        return chosen
+        return live
 
     def _run(self, batch: list[_Pending], top: bool = True) -> int:
         """Run a batch, splitting it on failure; return the most rows that ran in one call."""

@@ -1,0 +1,1 @@
+"""Dynamic batching in front of a whole-batch engine: the policy and the model thread."""

@@ -1,0 +1,1 @@
+"""Everything that knows about Celery and Redis: the app, the task, crash accounting, keys."""

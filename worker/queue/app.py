@@ -1,0 +1,76 @@
+"""The Celery application: configuration, the model-loading hooks, the task module.
+
+``celery -A worker.app worker`` imports this module (through ``worker/app.py``). The app
+carries the process's ``Lifecycle``, which tasks reach as ``self.app.lifecycle``. The model
+loads in
+``celeryd_after_setup``, which runs in the main process once logging is configured and
+before the consumer starts, so nothing is reserved until the model answers, and no process
+forks after CUDA is initialised (the pool is threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+
+from worker.errors import CaptionError
+from worker.runtime.lifecycle import Lifecycle
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+EXIT_START_FAILED = 3
+
+try:
+    # Read the environment here, once, so a bad value stops the process with one line
+    # naming the variable instead of a traceback from inside Celery's option parsing.
+    get_settings()
+except CaptionError as exc:
+    print(f"caption worker cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+    raise SystemExit(EXIT_START_FAILED) from None
+
+
+class CaptionApp(Celery):  # type: ignore[misc]
+    """A Celery app that carries the worker process's lifecycle (and so its service)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lifecycle = Lifecycle()
+
+
+app = CaptionApp("sdnq_caption_worker")
+app.config_from_object("celeryconfig")
+app.autodiscover_tasks(["worker.queue"], related_name="tasks", force=True)
+
+
+@celeryd_after_setup.connect  # type: ignore[untyped-decorator]
+def _start(sender: Any = None, **_: Any) -> None:
+    name = sender if isinstance(sender, str) else socket.gethostname()
+    try:
+        app.lifecycle.start(get_settings(), f"{name}/{os.getpid()}")
+    except CaptionError as exc:
+        # SystemExit passes through Celery's signal dispatch (it catches Exception only)
+        # and becomes the worker's exit code before the consumer has reserved anything.
+        log.critical("caption worker cannot start: %s: %s", type(exc).__name__, exc)
+        print(f"caption worker cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_START_FAILED) from None
+    except Exception as exc:
+        log.critical("caption worker cannot start", exc_info=True)
+        print(f"caption worker cannot start: {exc!r}", file=sys.stderr)
+        raise SystemExit(EXIT_START_FAILED) from None
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _consuming(**_: Any) -> None:
+    app.lifecycle.mark_consuming()
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop(**_: Any) -> None:
+    app.lifecycle.stop()

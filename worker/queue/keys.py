@@ -1,0 +1,29 @@
+"""Every Redis key name this project reads or writes, and the broker's own it inspects.
+
+Producers in other languages rely on some of these (``QUEUED_KEY``); tests and operators
+look at the rest. Keep names here so a rename is one edit.
+"""
+
+from __future__ import annotations
+
+#: Set by ``CaptionClient.submit`` with the result TTL; its presence turns PENDING into QUEUED.
+QUEUED_KEY = "caption:queued:{task_id}"
+#: Model calls with this task in them that never returned (the worker died inside them).
+CRASH_KEY = "caption:crashes:{task_id}:{retry}"
+#: Deliveries of this task attempt, however the workers that took it ended.
+DELIVERY_KEY = "caption:deliveries:{task_id}:{retry}"
+#: How long the two counters above outlive their last update.
+COUNTER_TTL_S = 7 * 86_400
+
+#: Celery's Redis result backend: one key per finished task.
+RESULT_META_KEY = "celery-task-meta-{task_id}"
+#: kombu's Redis transport: delivered but unacknowledged messages, and their delivery times.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+#: kombu's Redis transport keeps priority levels as extra lists next to the queue's own.
+PRIORITY_SEPARATOR = "\x06\x16"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu uses for one queue: the base list and its priority lists."""
+    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{level}" for level in (3, 6, 9)]

@@ -1,0 +1,68 @@
+"""The ``caption`` Celery task: a thin adapter around ``CaptionService``.
+
+It adds what only the queue knows about: the service travels with the Celery app (the
+worker's ``CaptionApp``), crash accounting per delivery, a stored result from an earlier
+delivery (returned as is, so a duplicate never yields a second answer), and retries with
+backoff for errors marked ``retryable``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from celery import states as celery_states
+
+from worker.contract import TASK_NAME, parse_request
+from worker.errors import CaptionError, CaptionFailed, InvalidRequest
+from worker.queue.crash import CrashGuard, admit_delivery
+from worker.runtime.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
+
+
+def lifecycle_of(app: Any) -> Lifecycle:
+    """The lifecycle the worker's app carries; a task on any other app cannot run."""
+    lifecycle = getattr(app, "lifecycle", None)
+    if not isinstance(lifecycle, Lifecycle):
+        raise CaptionFailed("this Celery app does not run the caption worker")
+    return lifecycle
+
+
+def _stored_success(task: Task) -> Any:
+    meta = task.backend.get_task_meta(task.request.id)
+    if meta.get("status") == celery_states.SUCCESS:
+        return meta.get("result")
+    return None
+
+
+def _crash_guard(task: Task, limit: int) -> CrashGuard | None:
+    client = getattr(task.backend, "client", None)
+    if client is None:
+        return None  # not a Redis result backend: no counter, redelivery limit not enforced
+    return admit_delivery(client, task.request.id, task.request.retries or 0, limit)
+
+
+@shared_task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+def caption(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Caption ``kwargs["image"]``; see the task contract in the README."""
+    service = lifecycle_of(self.app).service
+    settings = service.settings
+    if args:
+        raise InvalidRequest("the caption task takes keyword arguments only")
+    request = parse_request(kwargs, settings)
+    earlier = _stored_success(self)
+    if earlier is not None:
+        log.info("task %s already succeeded; returning the stored result", self.request.id)
+        return dict(earlier)
+    guard = _crash_guard(self, settings.max_deliveries)
+    try:
+        return service.caption(request, guard=guard).to_json()
+    except CaptionError as exc:
+        retries = self.request.retries or 0
+        if not exc.retryable or retries >= settings.storage_retries:
+            raise
+        countdown = settings.storage_retry_backoff_s * 2**retries
+        log.warning("%s (%s); retry %d in %.1fs", type(exc).__name__, exc, retries + 1, countdown)
+        raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None

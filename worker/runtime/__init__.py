@@ -1,0 +1,1 @@
+"""One worker process: building it (bootstrap), its lifecycle, the service, the watchdog."""

@@ -1,0 +1,83 @@
+"""The one place a worker is wired together: engine, runner, object store, service.
+
+The Celery worker (through the lifecycle), local captions and the benchmark all build
+their stack here, so a new engine or a metrics hook is added once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from worker.batching.batcher import Batcher
+from worker.batching.policy import BatchLimits
+from worker.engine.base import BatchEngine, RowRunner
+from worker.errors import ConfigError
+from worker.runtime.service import CaptionService
+from worker.settings import Settings
+from worker.storage.s3 import ObjectStore
+
+EngineFactory = Callable[[Settings], BatchEngine]
+
+
+def load_factory(path: str) -> EngineFactory:
+    """Import ``module:function`` (CAPTION_ENGINE_FACTORY)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"CAPTION_ENGINE_FACTORY={path!r} must look like 'module:function'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"CAPTION_ENGINE_FACTORY={path!r} cannot be imported: {exc}") from None
+    return cast(EngineFactory, factory)
+
+
+def load_engine(settings: Settings) -> BatchEngine:
+    """Load the model through the configured factory (raises ModelLoadError, ConfigError)."""
+    return load_factory(settings.engine_factory)(settings)
+
+
+def batch_limits(settings: Settings) -> BatchLimits:
+    """The batching knobs from settings."""
+    return BatchLimits(
+        max_batch=settings.max_batch,
+        wait_s=settings.batch_wait_ms / 1000,
+        linger_s=settings.batch_linger_ms / 1000,
+        token_budget=settings.batch_token_budget,
+        pad_ratio=settings.batch_pad_ratio,
+    )
+
+
+@dataclass
+class Runtime:
+    """A wired worker: the service and the pieces it runs on."""
+
+    settings: Settings
+    engine: BatchEngine
+    runner: RowRunner
+    service: CaptionService
+
+    def start(self) -> Runtime:
+        """Start the model thread."""
+        self.runner.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let submitted rows finish, then stop the model thread."""
+        self.runner.stop(timeout)
+
+
+def build_runtime(
+    settings: Settings,
+    worker_name: str,
+    *,
+    engine: BatchEngine | None = None,
+    limits: BatchLimits | None = None,
+) -> Runtime:
+    """Wire a worker around ``engine`` (loaded from settings when not given); not started."""
+    engine = engine if engine is not None else load_engine(settings)
+    runner = Batcher(engine, limits or batch_limits(settings))
+    service = CaptionService(settings, engine, ObjectStore(settings), runner, worker_name)
+    return Runtime(settings, engine, runner, service)

@@ -1,0 +1,133 @@
+"""The worker process's lifecycle: NEW -> STARTING -> READY -> STOPPING -> STOPPED.
+
+The model loads once, in the main process, before the queue consumes a single message. A
+failure while starting leaves the process DEFUNCT; the Celery adapter then exits non-zero,
+so nothing was reserved or acknowledged and a supervisor can restart it. Every state change
+goes through one table; a change it does not allow raises ``LifecycleError``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from worker.errors import CaptionFailed, LifecycleError
+from worker.runtime.bootstrap import Runtime, build_runtime, load_engine
+from worker.runtime.service import CaptionService
+from worker.runtime.watchdog import Watchdog
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXIT_HUNG = 4
+
+
+class State(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    DEFUNCT = "defunct"
+
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.NEW: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.READY, State.DEFUNCT}),
+    State.READY: frozenset({State.STOPPING, State.DEFUNCT}),
+    State.STOPPING: frozenset({State.STOPPED}),
+    State.STOPPED: frozenset(),
+    State.DEFUNCT: frozenset({State.STOPPING}),
+}
+
+
+class Lifecycle:
+    """Owns the process's one Runtime and its state transitions."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = State.NEW
+        self._runtime: Runtime | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _to(self, new: State) -> None:
+        with self._lock:
+            if new not in ALLOWED[self._state]:
+                raise LifecycleError(f"worker cannot go from {self._state.value} to {new.value}")
+            self._state = new
+
+    def start(self, settings: Settings, worker_name: str) -> CaptionService:
+        """Check settings, load the model, prove it answers, start the model thread."""
+        self._to(State.STARTING)
+        if settings.ready_file:
+            # A restarted container keeps the file of the process that died before it.
+            Path(settings.ready_file).unlink(missing_ok=True)
+        try:
+            settings.check_visibility_timeout()
+            started = time.perf_counter()
+            engine = load_engine(settings)
+            warm = engine.warm_up()
+            log.info("warm-up caption answered in %.2fs", warm.seconds)
+            runtime = build_runtime(settings, worker_name, engine=engine).start()
+            self._runtime = runtime
+            Watchdog(
+                runtime.runner,
+                settings.task_deadline_s + settings.hang_grace_s,
+                on_hung=self._hung,
+                keep_watching=lambda: self._state in (State.STARTING, State.READY),
+            ).start()
+        except BaseException:
+            self._to(State.DEFUNCT)
+            raise
+        self._to(State.READY)
+        log.info(
+            "caption worker ready: %s, model %s, max batch %d, started in %.1fs",
+            worker_name,
+            engine.info.name,
+            settings.max_batch,
+            time.perf_counter() - started,
+        )
+        return runtime.service
+
+    def _hung(self, limit_s: float) -> None:
+        try:
+            self._to(State.DEFUNCT)
+        except LifecycleError:
+            return  # already stopping: the shutdown path owns the process now
+        log.critical("a generate call has run for over %.0fs: exiting", limit_s)
+        logging.shutdown()
+        os._exit(EXIT_HUNG)
+
+    def mark_consuming(self) -> None:
+        """Write the ready file once the consumer is connected and the model has answered."""
+        if self._state is State.READY and self._runtime is not None:
+            ready_file = self._runtime.settings.ready_file
+            if ready_file:
+                Path(ready_file).write_text(f"{self._runtime.service.worker_name}\n")
+
+    def stop(self) -> None:
+        """Let queued captions finish, then stop the model thread."""
+        if self._state not in (State.READY, State.DEFUNCT):
+            return
+        self._to(State.STOPPING)
+        if self._runtime is not None:
+            settings = self._runtime.settings
+            if settings.ready_file:
+                Path(settings.ready_file).unlink(missing_ok=True)
+            self._runtime.stop(timeout=settings.task_deadline_s)
+        self._to(State.STOPPED)
+        log.info("caption worker stopped")
+
+    @property
+    def service(self) -> CaptionService:
+        """The ready service; a task that arrives in any other state fails cleanly."""
+        if self._state is not State.READY or self._runtime is None:
+            raise CaptionFailed(f"the worker is not ready (state {self._state.value})")
+        return self._runtime.service

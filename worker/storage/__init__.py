@@ -1,0 +1,1 @@
+"""Object storage: S3 locations, the allowlist, and capped, retried reads (``s3``)."""
