@@ -17,7 +17,8 @@ wheels)
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl sdnq==0.2.8 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 \
-        annotated-types typing-inspection python-dotenv
+        annotated-types typing-inspection python-dotenv \
+        boto3 botocore s3transfer jmespath python-dateutil six urllib3
     ;;
 run)
     shape="${2:-8b}"
