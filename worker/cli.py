@@ -169,7 +169,12 @@ def demo(
 
 @app.command()
 def bench(
-    mode: Annotated[str, typer.Option(help="engine, path, or all.")] = "all",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="engine, path, all, or soak (Redis keys and worker memory over --tasks)."
+        ),
+    ] = "all",
     tasks: Annotated[int, typer.Option(help="Images per measurement.")] = 32,
     max_batch: Annotated[int, typer.Option(help="Batch size for the batched runs.")] = 32,
     new_tokens: Annotated[int, typer.Option(help="Generated tokens per image (fixed).")] = 128,

@@ -35,7 +35,7 @@ from worker.settings import Settings, load_settings
 class BenchConfig:
     """What to measure."""
 
-    mode: str = "all"  # engine | path | all
+    mode: str = "all"  # engine | path | all | soak
     tasks: int = 32
     max_batch: int = 32
     new_tokens: int = 128
@@ -273,6 +273,12 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         workdir = Path(tmp)
         model_dir = _model_dir(config, workdir, gpu)
         settings = _settings(config, model_dir, gpu)
+        if config.mode == "soak":
+            from worker.devtools.soak import run_soak
+
+            images = _images(min(config.tasks, 16), config.image_px)
+            report["soak"] = run_soak(settings, model_dir, workdir, images, config.tasks, 10)
+            return report
         images = _images(config.tasks, config.image_px)
         if config.mode in ("engine", "all"):
             report["engine"] = bench_engine(config, settings, images)
