@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # SDNQ's int matmul path; measured slower than dequantize-then-matmul for decoding.
     sdnq_quantized_matmul: bool = False
+    # generate: one Hugging Face generate() per batch. slots: continuous batching, rows join
+    # and leave between decode steps over a static KV cache.
+    engine: Literal["generate", "slots"] = "generate"
+    slots: int | None = Field(None, ge=1, le=1_024)  # rows decoding together; default max_batch
+    slot_tokens: int | None = Field(None, ge=64)  # KV capacity per slot; default from limits
 
     # Requests.
     default_prompt: str = "Describe this image."
@@ -60,6 +65,10 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(4_096, ge=1, le=32_768)
     max_pixels: int = Field(1_048_576, ge=1_024)  # resize budget per image
     min_pixels: int = Field(65_536, ge=1_024)
+    # A caption whose last REPETITION_SPAN tokens repeat a cycle of at most
+    # REPETITION_MAX_CYCLE tokens stops with finish_reason "repetition"; span 0 turns it off.
+    repetition_span: int = Field(48, ge=0)
+    repetition_max_cycle: int = Field(8, ge=1)
     task_deadline_s: float = Field(600.0, gt=0)
     visibility_margin_s: float = Field(60.0, ge=0)
     max_deliveries: int = Field(3, ge=1)
@@ -103,7 +112,25 @@ class Settings(BaseSettings):
     def _check_pixels(self) -> Self:
         if self.min_pixels > self.max_pixels:
             raise ValueError("CAPTION_MIN_PIXELS must not exceed CAPTION_MAX_PIXELS")
+        if 0 < self.repetition_span < 2 * self.repetition_max_cycle:
+            raise ValueError(
+                "CAPTION_REPETITION_SPAN must be 0 (off) or at least twice "
+                "CAPTION_REPETITION_MAX_CYCLE"
+            )
         return self
+
+    @property
+    def slot_count(self) -> int:
+        """Rows the slot engine decodes together."""
+        return self.slots or self.max_batch
+
+    @property
+    def slot_capacity(self) -> int:
+        """Tokens one slot holds: by default a full-budget image, a long prompt and up to
+        1,024 new tokens; a row that needs more runs alone through ``generate``."""
+        if self.slot_tokens is not None:
+            return self.slot_tokens
+        return self.max_pixels // (32 * 32) + 512 + min(1_024, self.max_new_tokens_limit)
 
     @property
     def task_threads(self) -> int:

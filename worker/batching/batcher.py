@@ -11,47 +11,19 @@ being split by the broker's delivery pace.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from worker.batching.policy import BatchLimits, select_batch, wait_before_batch
-from worker.contract import GenerationOptions
+from worker.batching.rows import PendingRow, fail_row
 from worker.engine.base import BatchEngine, CaptionOutput, PreparedInput, RunGuard
 from worker.errors import CaptionFailed, CaptionTimeout
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)  # identity, not field equality: fields hold tensors
-class _Pending:
-    item: PreparedInput
-    deadline: float
-    future: Future[CaptionOutput]
-    arrived: float = field(default_factory=time.monotonic)
-    guard: RunGuard | None = None
-
-    @property
-    def suspect(self) -> bool:
-        return self.guard is not None and self.guard.suspect
-
-    # The policy's view of a row (worker.batching.policy.Row).
-    @property
-    def prompt_tokens(self) -> int:
-        return self.item.prompt_tokens
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.item.max_new_tokens
-
-    @property
-    def options(self) -> GenerationOptions:
-        return self.item.options
 
 
 class Batcher:
@@ -61,7 +33,7 @@ class Batcher:
         self._model = model
         self._limits = limits
         self._cond = threading.Condition()
-        self._pending: list[_Pending] = []
+        self._pending: list[PendingRow] = []
         self._preparing = 0
         self._last_arrival = 0.0
         self._running = False
@@ -111,7 +83,7 @@ class Batcher:
         with self._cond:
             if not self._running:
                 raise CaptionFailed("the worker is shutting down")
-            self._pending.append(_Pending(item, deadline, future, guard=guard))
+            self._pending.append(PendingRow(item, deadline, future, guard=guard))
             self._last_arrival = time.monotonic()
             self._cond.notify_all()
         return future
@@ -126,9 +98,9 @@ class Batcher:
             except Exception as exc:  # keep the only model thread alive whatever happens
                 log.exception("batcher step failed")
                 for entry in batch:
-                    _fail(entry, CaptionFailed(f"internal batching error: {exc!r}"))
+                    fail_row(entry, CaptionFailed(f"internal batching error: {exc!r}"))
 
-    def _next_batch(self) -> list[_Pending] | None:
+    def _next_batch(self) -> list[PendingRow] | None:
         with self._cond:
             while not self._pending:
                 if not self._running:
@@ -155,7 +127,7 @@ class Batcher:
             # A running future can no longer be cancelled by its task thread.
             return [e for e in batch if e.future.set_running_or_notify_cancel()]
 
-    def _live(self) -> list[_Pending]:
+    def _live(self) -> list[PendingRow]:
         """Waiting entries still worth running; expired ones fail, cancelled ones drop."""
         now = time.monotonic()
         live = []
@@ -163,14 +135,14 @@ class Batcher:
             if entry.future.cancelled():
                 continue
             if entry.deadline <= now:
-                _fail(
+                fail_row(
                     entry, CaptionTimeout("the task deadline passed while it waited for the model")
                 )
                 continue
             live.append(entry)
         return live
 
-    def _run(self, batch: list[_Pending], top: bool = True) -> int:
+    def _run(self, batch: list[PendingRow], top: bool = True) -> int:
         """Run a batch, splitting it on failure; return the most rows that ran in one call."""
         if not batch:
             return 0
@@ -191,7 +163,7 @@ class Batcher:
             self.busy_since = None
             if len(batch) == 1:
                 log.exception("generate failed for one task")
-                _fail(batch[0], CaptionFailed(f"the model failed: {exc!r}"))
+                fail_row(batch[0], CaptionFailed(f"the model failed: {exc!r}"))
                 return 0
             # Run each alone so one bad input cannot fail its neighbours.
             log.warning("generate failed for a batch of %d (%r); isolating", len(batch), exc)
@@ -200,15 +172,15 @@ class Batcher:
         for entry, output in zip(batch, outputs, strict=True):
             if output.finish_reason == "timeout":
                 took = f"{output.seconds:.1f}s in the model"
-                _fail(entry, CaptionTimeout(f"captioning passed the task deadline ({took})"))
+                fail_row(entry, CaptionTimeout(f"captioning passed the task deadline ({took})"))
             elif not entry.future.done():
                 entry.future.set_result(output)
         return len(batch)
 
-    def _split_after_oom(self, batch: list[_Pending], exc: BaseException, top: bool) -> int:
+    def _split_after_oom(self, batch: list[PendingRow], exc: BaseException, top: bool) -> int:
         self._model.release_memory()
         if len(batch) == 1:
-            _fail(batch[0], CaptionFailed(f"out of memory even as a batch of one: {exc}"))
+            fail_row(batch[0], CaptionFailed(f"out of memory even as a batch of one: {exc}"))
             return 0
         half = len(batch) // 2
         fit = max(self._run(batch[:half], top=False), self._run(batch[half:], top=False))
@@ -218,11 +190,3 @@ class Batcher:
             self.batch_cap = min(self.batch_cap, max(fit, 1))
             log.warning("out of memory at batch %d; batch cap now %d", len(batch), self.batch_cap)
         return fit
-
-
-def _fail(entry: _Pending, exc: BaseException) -> None:
-    # The task thread may cancel a still-pending future at its deadline; never let that
-    # race kill the batcher thread.
-    with contextlib.suppress(InvalidStateError):
-        if not entry.future.done():
-            entry.future.set_exception(exc)

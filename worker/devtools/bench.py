@@ -2,16 +2,17 @@
 
 Two measurements share one model directory and one set of images:
 
-- ``engine``: the real engine in this process. Images are prepared (decode, resize,
-  processor) up front, then captioned one per generate call and in batches of
-  ``max_batch``; the figure is generate time only.
+- ``engine``: the real engine and its model thread in this process (``--engine generate``
+  or ``slots``). Images are prepared (decode, resize, processor) up front, then captioned
+  one at a time and ``max_batch`` at once; the figure is model time only.
 - ``path``: the whole product: images uploaded to S3 (loopback moto server unless
   ``AWS_ENDPOINT_URL_S3`` is set), tasks sent with ``send_task`` to Redis, a real worker
   process (started here, once with ``CAPTION_MAX_BATCH=1`` and once batched), results
   read from the result backend. Tasks/s runs from the first send to the last result.
 
 Generated length is fixed: the tiny and random-shape models never emit end-of-sequence
-(their output heads are built that way), so every caption is ``new_tokens`` long.
+(their output heads are built that way) and the repetition guard is off, so every caption
+is exactly as long as asked.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ import platform
 import statistics
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,8 @@ class BenchConfig:
     new_tokens: int = 128
     image_px: int = 256
     random_shape: str | None = None  # 4b | 8b | 32b (GPU), else the tiny model
+    engine: str = "generate"  # generate | slots
+    mixed: bool = False  # caption lengths cycle through 1/8, 1/4, 1/2 and all of new_tokens
 
 
 def machine() -> dict[str, Any]:
@@ -110,6 +111,12 @@ def _settings(config: BenchConfig, model_dir: Path, gpu: bool) -> Settings:
         max_pixels=max(pixels, 1024),
         min_pixels=min(pixels, 65_536),
         max_new_tokens_limit=max(config.new_tokens, 1),
+        engine=config.engine,
+        max_batch=config.max_batch,
+        # The benchmark models loop by construction; lengths must stay what was asked.
+        repetition_span=0,
+        # Submissions are announced with expect(), so no quiet time is needed to end a burst.
+        batch_linger_ms=0,
     )
 
 
@@ -135,125 +142,56 @@ def _summary(latencies: list[float], wall: float, images: int, tokens: int) -> d
     }
 
 
+def new_tokens_for(config: BenchConfig, index: int) -> int:
+    """Caption length of image ``index``: fixed, or with --mixed 1/8, 1/4, 1/2 and all of it."""
+    if not config.mixed:
+        return config.new_tokens
+    return max(1, config.new_tokens // (8, 4, 2, 1)[index % 4])
+
+
 def bench_engine(config: BenchConfig, settings: Settings, images: list[bytes]) -> dict[str, Any]:
-    """Generate time for the same prepared inputs, one per call and batched."""
+    """Model time for the same prepared inputs, one at a time and all together."""
     from worker.contract import parse_request
     from worker.runtime.bootstrap import build_runtime
 
-    runtime = build_runtime(settings, "bench")  # not started: generate is called directly
+    runtime = build_runtime(settings, "bench")
     engine = runtime.engine
     engine.warm_up()
-    request = parse_request({"image": "bench", "max_new_tokens": config.new_tokens}, settings)
     started = time.perf_counter()
-    items = [runtime.service.prepare(request, data)[0] for data in images]
+    items = []
+    for i, data in enumerate(images):
+        kwargs = {"image": "bench", "max_new_tokens": new_tokens_for(config, i)}
+        items.append(runtime.service.prepare(parse_request(kwargs, settings), data)[0])
     prepare_s = time.perf_counter() - started
     result: dict[str, Any] = {
+        "engine": settings.engine,
         "prompt_tokens": items[0].prompt_tokens,
         "prepare_ms_per_image": round(1000 * prepare_s / len(items), 2),
     }
-    for label, size in (("one_at_a_time", 1), ("batched", config.max_batch)):
-        latencies, tokens = [], 0
-        started = time.perf_counter()
-        for at in range(0, len(items), size):
-            chunk = items[at : at + size]
-            t0 = time.perf_counter()
-            outputs = engine.generate(chunk)
-            latencies += [time.perf_counter() - t0] * len(chunk)
-            tokens += sum(o.generated_tokens for o in outputs)
-        wall = time.perf_counter() - started
-        result[label] = {"batch": size, **_summary(latencies, wall, len(items), tokens)}
+    runtime.start()
+    try:
+        for label, size in (("one_at_a_time", 1), ("batched", config.max_batch)):
+            latencies, tokens = [], 0
+            started = time.perf_counter()
+            for at in range(0, len(items), size):
+                t0 = time.perf_counter()
+                with runtime.runner.expect():  # the batch starts once all are submitted
+                    futures = [
+                        runtime.runner.submit(item, time.monotonic() + 3600)
+                        for item in items[at : at + size]
+                    ]
+                for future in futures:
+                    tokens += future.result().generated_tokens
+                    latencies.append(time.perf_counter() - t0)
+            wall = time.perf_counter() - started
+            result[label] = {"batch": size, **_summary(latencies, wall, len(items), tokens)}
+    finally:
+        runtime.stop()
     result["speedup"] = round(
         result["batched"]["images_per_s"] / result["one_at_a_time"]["images_per_s"], 2
     )
     result["peak_memory_gib"] = _peak_memory_gib()
     return result
-
-
-def bench_path(
-    config: BenchConfig, settings: Settings, model_dir: Path, images: list[bytes], workdir: Path
-) -> dict[str, Any]:
-    """Tasks/s through producer, Redis, S3 and a real worker process."""
-    from contextlib import ExitStack
-
-    from celery import Celery
-
-    from worker.devtools.loopback import LoopbackS3
-    from worker.devtools.processes import WorkerProcess
-    from worker.devtools.redis_server import reachable_redis
-
-    base = load_settings()  # broker and backend URLs from the environment
-    with ExitStack() as stack:
-        broker = reachable_redis(base.broker_url, stack, workdir / "redis")
-        backend = base.result_backend if broker == base.broker_url else broker
-        if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
-            import boto3
-
-            s3, s3_env = boto3.client("s3"), {}
-        else:
-            loopback = stack.enter_context(LoopbackS3(workdir / "moto.log"))
-            s3, s3_env = loopback.client(), loopback.env()
-        bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        s3.create_bucket(Bucket=bucket)
-        uris = []
-        for i, data in enumerate(images):
-            s3.put_object(Bucket=bucket, Key=f"img-{i:05d}.png", Body=data)
-            uris.append(f"s3://{bucket}/img-{i:05d}.png")
-        result: dict[str, Any] = {}
-        for label, size in (("one_at_a_time", 1), ("batched", config.max_batch)):
-            queue = f"bench-{uuid.uuid4().hex[:8]}"
-            env = {
-                **s3_env,
-                "CAPTION_BROKER_URL": broker,
-                "CAPTION_RESULT_BACKEND": backend,
-                "CAPTION_QUEUE": queue,
-                "CAPTION_MODEL": str(model_dir),
-                "CAPTION_DTYPE": settings.dtype,
-                "CAPTION_AUTO_DOWNLOAD": "false",
-                "CAPTION_MAX_BATCH": str(size),
-                "CAPTION_CONCURRENCY": str(max(config.max_batch, 1) + 4),
-                "CAPTION_MAX_PIXELS": str(settings.max_pixels),
-                "CAPTION_MIN_PIXELS": str(settings.min_pixels),
-                "CAPTION_LOG_LEVEL": "WARNING",
-                "SDNQ_USE_TORCH_COMPILE": os.environ.get("SDNQ_USE_TORCH_COMPILE", "0"),
-            }
-            worker = WorkerProcess(env, workdir / f"worker-{label}.log")
-            with worker:
-                producer = Celery("bench", broker=broker, backend=backend)
-                try:
-                    result[label] = _drive(producer, queue, uris, config.new_tokens)
-                finally:
-                    producer.close()
-        result["speedup"] = round(
-            result["batched"]["tasks_per_s"] / result["one_at_a_time"]["tasks_per_s"], 2
-        )
-        return result
-
-
-def _drive(producer: Any, queue: str, uris: list[str], new_tokens: int) -> dict[str, Any]:
-    sent = time.time()
-    pending = [
-        producer.send_task(
-            "caption", kwargs={"image": u, "max_new_tokens": new_tokens}, queue=queue
-        )
-        for u in uris
-    ]
-    latencies, batch_sizes = [], []
-    for res in pending:
-        value = res.get(timeout=3600)
-        done = res.date_done
-        finished = done.timestamp() if isinstance(done, datetime) else time.time()
-        latencies.append(finished - sent)
-        batch_sizes.append(value["batch_size"])
-    wall = max(latencies)
-    ordered = sorted(latencies)
-    return {
-        "tasks": len(uris),
-        "seconds": round(wall, 3),
-        "tasks_per_s": round(len(uris) / wall, 3),
-        "p50_latency_s": round(statistics.median(ordered), 3),
-        "p95_latency_s": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 3),
-        "mean_batch_size": round(statistics.mean(batch_sizes), 2),
-    }
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
@@ -283,6 +221,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         if config.mode in ("engine", "all"):
             report["engine"] = bench_engine(config, settings, images)
         if config.mode in ("path", "all"):
+            from worker.devtools.bench_path import bench_path
+
             report["path"] = bench_path(config, settings, model_dir, images, workdir)
         if "engine" in report and "path" in report:
             report["path_vs_engine_batched"] = round(

@@ -23,7 +23,7 @@ from worker.engine.catalogue import ResolvedModel
 if TYPE_CHECKING:
     from PIL import Image
 
-FinishReason = Literal["stop", "length", "timeout"]
+FinishReason = Literal["stop", "length", "timeout", "repetition"]
 PATCH_PIXELS = 32 * 32  # Qwen3-VL: one image token per 32x32 pixels after the 2x2 merge
 
 

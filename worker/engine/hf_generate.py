@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from worker.contract import GenerationOptions
 from worker.engine.base import PATCH_PIXELS, CaptionOutput, FinishReason, ModelInfo, PreparedInput
 from worker.engine.loading import load_model
+from worker.engine.repetition import RepetitionGuard
 from worker.errors import CaptionFailed
 from worker.settings import Settings
 
@@ -26,10 +27,17 @@ if TYPE_CHECKING:
 class GenerateEngine:
     """A loaded model and processor; captions batches with ``model.generate``."""
 
-    def __init__(self, model: Any, processor: Any, info: ModelInfo) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        info: ModelInfo,
+        repetition: RepetitionGuard | None = None,
+    ) -> None:
         self.model = model
         self.processor = processor
         self._info = info
+        self.repetition = repetition or RepetitionGuard()
 
     @property
     def info(self) -> ModelInfo:
@@ -90,7 +98,8 @@ class GenerateEngine:
         """Caption a batch whose rows share generation options (batcher thread only).
 
         ``deadlines`` are ``time.monotonic()`` values per row; a row past its deadline stops
-        generating and comes back with finish_reason "timeout".
+        generating and comes back with finish_reason "timeout". A row stuck in a loop stops
+        with "repetition" (see ``RepetitionGuard``).
         """
         import torch
         from transformers import StoppingCriteriaList
@@ -100,9 +109,10 @@ class GenerateEngine:
         options = batch[0].options
         if any(item.options != options for item in batch):
             raise CaptionFailed("internal error: a batch mixed generation options")
-        inputs = collate([item.tensors for item in batch], self._pad_id).to(self.model.device)
+        inputs = collate([item.tensors for item in batch], self.pad_id).to(self.model.device)
         max_new = max(item.max_new_tokens for item in batch)
-        stop = _Deadlines(deadlines) if deadlines is not None else None
+        prompt_len = int(inputs["input_ids"].shape[1])
+        stop = _RowStops(prompt_len, deadlines, self.repetition)
         kwargs = options.generate_kwargs()
         if options.seed is not None:
             torch.manual_seed(options.seed)
@@ -112,18 +122,15 @@ class GenerateEngine:
                 batch,
                 **inputs,
                 max_new_tokens=max_new,
-                pad_token_id=self._pad_id,
-                stopping_criteria=StoppingCriteriaList([stop]) if stop else None,
+                pad_token_id=self.pad_id,
+                stopping_criteria=StoppingCriteriaList([stop]),
                 **kwargs,
             )
         seconds = time.perf_counter() - started
-        prompt_len = int(inputs["input_ids"].shape[1])
         new_tokens = out[:, prompt_len:].tolist()
-        # New tokens a row had when its deadline struck (None: it never expired).
-        cut = [None if n is None else n - prompt_len for n in stop.expired_at] if stop else None
-        eos = self._eos_ids
+        eos = self.eos_ids
         return [
-            self._row(tokens, item, eos, cut[i] if cut else None, seconds, len(batch))
+            self._row(tokens, item, eos, stop.stopped[i], seconds, len(batch))
             for i, (tokens, item) in enumerate(zip(new_tokens, batch, strict=True))
         ]
 
@@ -136,50 +143,60 @@ class GenerateEngine:
         tokens: list[int],
         item: PreparedInput,
         eos: set[int],
-        expired_after: int | None,
+        stopped: tuple[int, FinishReason] | None,
         seconds: float,
         n: int,
     ) -> CaptionOutput:
         tokens = tokens[: item.max_new_tokens]
         stop_at = next((i for i, t in enumerate(tokens) if t in eos), None)
+        cut: int | None = None
+        why: FinishReason = "length"
+        if stopped is not None:
+            cut, why = stopped
         finish: FinishReason
-        if stop_at is not None and (expired_after is None or stop_at < expired_after):
+        if stop_at is not None and (cut is None or stop_at < cut):
             kept, generated, finish = tokens[:stop_at], stop_at + 1, "stop"
-        elif expired_after is not None and expired_after < item.max_new_tokens:
-            kept = tokens[:expired_after]
-            generated, finish = len(kept), "timeout"
+        elif cut is not None and cut < item.max_new_tokens:
+            kept = tokens[:cut]
+            generated, finish = len(kept), why
         else:
             kept = tokens if stop_at is None else tokens[:stop_at]
             generated, finish = len(kept), "length"
-        text = self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return CaptionOutput(text, item.prompt_tokens, generated, finish, seconds, n)
+        return CaptionOutput(self.decode(kept), item.prompt_tokens, generated, finish, seconds, n)
+
+    def decode(self, tokens: list[int]) -> str:
+        """Caption text from generated token ids (end-of-sequence already cut)."""
+        return str(self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip())
 
     @property
-    def _pad_id(self) -> int:
+    def pad_id(self) -> int:
         tok = self.processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return int(pad)
 
     @property
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         ids = eos if isinstance(eos, list) else [eos]
         return {int(i) for i in ids if i is not None} | {int(self.processor.tokenizer.eos_token_id)}
 
-    def warm_up(self) -> CaptionOutput:
-        """Caption one small image so readiness means the model really answers."""
+    def warm_up_input(self, max_new_tokens: int = 1) -> PreparedInput:
+        """A small grey image with the default prompt, prepared: the warm-up row."""
         from PIL import Image
 
         image = Image.new("RGB", (64, 64), (128, 128, 128))
-        item = self.prepare(
+        return self.prepare(
             image,
             "Describe this image.",
-            max_new_tokens=1,
+            max_new_tokens=max_new_tokens,
             options=GenerationOptions(),
             max_pixels=PATCH_PIXELS * 64,
             min_pixels=PATCH_PIXELS * 4,
         )
-        return self.generate([item])[0]
+
+    def warm_up(self) -> CaptionOutput:
+        """Caption one small image so readiness means the model really answers."""
+        return self.generate([self.warm_up_input()])[0]
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> Any:
@@ -205,30 +222,44 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> Any:
     return BatchFeature(batch)
 
 
-class _Deadlines:
-    """A per-row stopping criterion: rows past their deadline stop generating.
+class _RowStops:
+    """A per-row stopping criterion: a row stops at its deadline or when it loops.
 
-    It records the sequence length at which each row expired, because a stopped row is
-    then padded with the pad token, which for Qwen is also an end-of-sequence token.
+    It records how many new tokens each row had when it stopped, and why, because a stopped
+    row is then padded with the pad token, which for Qwen is also an end-of-sequence token.
     """
 
-    def __init__(self, deadlines: Sequence[float]) -> None:
-        self.deadlines = list(deadlines)
-        self.expired_at: list[int | None] = [None] * len(self.deadlines)
+    def __init__(
+        self, prompt_len: int, deadlines: Sequence[float] | None, repetition: RepetitionGuard
+    ) -> None:
+        self.prompt_len = prompt_len
+        self.deadlines = list(deadlines) if deadlines is not None else None
+        self.repetition = repetition
+        self.stopped: list[tuple[int, FinishReason] | None] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         import torch
 
+        rows = int(input_ids.shape[0])
+        if not self.stopped:
+            self.stopped = [None] * rows
         now = time.monotonic()
-        length = int(input_ids.shape[1])
-        self.expired_at = [
-            at if at is not None else (length if now >= d else None)
-            for at, d in zip(self.expired_at, self.deadlines, strict=True)
-        ]
-        expired = [at is not None for at in self.expired_at]
-        return torch.tensor(expired, dtype=torch.bool, device=input_ids.device)
+        new = int(input_ids.shape[1]) - self.prompt_len
+        recent = None
+        if self.repetition.span and new >= self.repetition.span:
+            recent = input_ids[:, -self.repetition.span :].tolist()
+        for row in range(rows):
+            if self.stopped[row] is not None:
+                continue
+            if self.deadlines is not None and now >= self.deadlines[row]:
+                self.stopped[row] = (new, "timeout")
+            elif recent is not None and self.repetition.repeats(recent[row]):
+                self.stopped[row] = (new, "repetition")
+        flags = [s is not None for s in self.stopped]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 def load_engine(settings: Settings) -> GenerateEngine:
     """The default ``CAPTION_ENGINE_FACTORY``: load the configured model once."""
-    return GenerateEngine(*load_model(settings))
+    guard = RepetitionGuard(settings.repetition_span, settings.repetition_max_cycle)
+    return GenerateEngine(*load_model(settings), repetition=guard)

@@ -7,17 +7,20 @@ their stack here, so a new engine or a metrics hook is added once.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from worker.batching.batcher import Batcher
 from worker.batching.policy import BatchLimits
-from worker.engine.base import BatchEngine, RowRunner
+from worker.engine.base import BatchEngine, CaptionEngine, RowRunner
 from worker.errors import ConfigError
 from worker.runtime.service import CaptionService
 from worker.settings import Settings
 from worker.storage.s3 import ObjectStore
+
+log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], BatchEngine]
 
@@ -34,9 +37,40 @@ def load_factory(path: str) -> EngineFactory:
     return cast(EngineFactory, factory)
 
 
-def load_engine(settings: Settings) -> BatchEngine:
-    """Load the model through the configured factory (raises ModelLoadError, ConfigError)."""
-    return load_factory(settings.engine_factory)(settings)
+def load_engine(settings: Settings) -> CaptionEngine:
+    """Load the model through the configured factory, in the configured engine.
+
+    Raises ModelLoadError or ConfigError.
+    """
+    engine = load_factory(settings.engine_factory)(settings)
+    if settings.engine == "generate":
+        return engine
+    from worker.engine.hf_generate import GenerateEngine
+    from worker.engine.slot_engine import SlotEngine
+
+    if not isinstance(engine, GenerateEngine):
+        raise ConfigError(
+            f"CAPTION_ENGINE=slots needs CAPTION_ENGINE_FACTORY ({settings.engine_factory}) "
+            "to return a GenerateEngine"
+        )
+    slots = SlotEngine(engine, settings.slot_count, settings.slot_capacity)
+    log.info(
+        "slot engine: %d slots of %d tokens, KV cache %.2f GiB",
+        slots.slots,
+        slots.capacity,
+        slots.cache.nbytes / 2**30,
+    )
+    return slots
+
+
+def make_runner(engine: CaptionEngine, settings: Settings, limits: BatchLimits) -> RowRunner:
+    """The model thread for ``engine``: the slot runner or the whole-batch batcher."""
+    if settings.engine == "slots":
+        from worker.batching.slot_runner import SlotRunner
+        from worker.engine.slot_engine import SlotEngine
+
+        return SlotRunner(cast(SlotEngine, engine))
+    return Batcher(cast(BatchEngine, engine), limits)
 
 
 def batch_limits(settings: Settings) -> BatchLimits:
@@ -55,7 +89,7 @@ class Runtime:
     """A wired worker: the service and the pieces it runs on."""
 
     settings: Settings
-    engine: BatchEngine
+    engine: CaptionEngine
     runner: RowRunner
     service: CaptionService
 
@@ -73,11 +107,11 @@ def build_runtime(
     settings: Settings,
     worker_name: str,
     *,
-    engine: BatchEngine | None = None,
+    engine: CaptionEngine | None = None,
     limits: BatchLimits | None = None,
 ) -> Runtime:
     """Wire a worker around ``engine`` (loaded from settings when not given); not started."""
     engine = engine if engine is not None else load_engine(settings)
-    runner = Batcher(engine, limits or batch_limits(settings))
+    runner = make_runner(engine, settings, limits or batch_limits(settings))
     service = CaptionService(settings, engine, ObjectStore(settings), runner, worker_name)
     return Runtime(settings, engine, runner, service)

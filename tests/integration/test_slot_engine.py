@@ -1,0 +1,252 @@
+"""The slot engine with the real tiny SDNQ Qwen3-VL: every row's caption is the caption HF
+``generate`` gives it alone, whenever it joins, whatever runs beside it.
+
+The tiny model's greedy captions never end early, so each row decodes for its whole
+``max_new_tokens`` and any difference a neighbour, a slot or a join step makes shows up in
+the text.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sdnq")
+
+from PIL import Image  # noqa: E402
+
+from tests.support.batching import settle  # noqa: E402
+from worker.batching.slot_runner import SlotRunner  # noqa: E402
+from worker.contract import GenerationOptions  # noqa: E402
+from worker.engine.base import PATCH_PIXELS, CaptionOutput, PreparedInput  # noqa: E402
+from worker.engine.hf_generate import GenerateEngine, load_engine  # noqa: E402
+from worker.engine.repetition import RepetitionGuard  # noqa: E402
+from worker.engine.slot_engine import SlotEngine  # noqa: E402
+from worker.errors import CaptionTimeout  # noqa: E402
+from worker.images import fit_pixel_budget  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+MAX_PIXELS = PATCH_PIXELS * 48
+MIN_PIXELS = PATCH_PIXELS * 4
+SIZES = [(64, 64), (200, 120), (300, 300), (90, 400), (1, 1), (500, 80)]
+PROMPTS = ["Describe this image.", "What is in the picture? Answer in one short sentence."]
+LENGTHS = [12, 5, 20, 9, 16, 3]
+GREEDY = GenerationOptions()
+
+
+def picture(index: int) -> Image.Image:
+    width, height = SIZES[index]
+    gen = torch.Generator().manual_seed(2000 + index)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> GenerateEngine:
+    settings = Settings(
+        model=str(tiny_model_dir),
+        dtype="float32",
+        auto_download=False,
+        max_pixels=MAX_PIXELS,
+        min_pixels=MIN_PIXELS,
+    )
+    return load_engine(settings)
+
+
+def prepare(
+    engine: GenerateEngine, index: int, options: GenerationOptions = GREEDY
+) -> PreparedInput:
+    return engine.prepare(
+        fit_pixel_budget(picture(index), MAX_PIXELS),
+        PROMPTS[index % 2],
+        max_new_tokens=LENGTHS[index],
+        options=options,
+        max_pixels=MAX_PIXELS,
+        min_pixels=MIN_PIXELS,
+    )
+
+
+@pytest.fixture(scope="module")
+def rows(engine: GenerateEngine) -> list[PreparedInput]:
+    return [prepare(engine, i) for i in range(len(SIZES))]
+
+
+@pytest.fixture(scope="module")
+def alone(engine: GenerateEngine, rows: list[PreparedInput]) -> list[CaptionOutput]:
+    """Each row captioned by HF generate on its own: the reference."""
+    return [engine.generate([row])[0] for row in rows]
+
+
+def assert_same(got: CaptionOutput, ref: CaptionOutput, what: object) -> None:
+    assert (got.text, got.generated_tokens, got.prompt_tokens, got.finish_reason) == (
+        ref.text,
+        ref.generated_tokens,
+        ref.prompt_tokens,
+        ref.finish_reason,
+    ), what
+
+
+def run_staggered(
+    slots: SlotEngine, rows: list[PreparedInput], join_at: list[int]
+) -> list[CaptionOutput]:
+    """Admit row i at decode step join_at[i] (when a slot is free); step until all end."""
+    outputs: dict[int, CaptionOutput] = {}
+    owner: dict[int, int] = {}
+    waiting = list(range(len(rows)))
+    step = 0
+    while len(outputs) < len(rows):
+        for i in list(waiting):
+            if join_at[i] <= step and slots.free_slots():
+                slot = slots.free_slots()[0]
+                waiting.remove(i)
+                done = slots.admit(slot, rows[i])
+                if done is None:
+                    owner[slot] = i
+                else:
+                    outputs[i] = done
+        for slot, output in slots.step():
+            outputs[owner.pop(slot)] = output
+        step += 1
+        assert step < 500, "rows never finished"
+    return [outputs[i] for i in range(len(rows))]
+
+
+def test_rows_joining_at_different_steps_match_generate_alone(
+    engine: GenerateEngine, rows: list[PreparedInput], alone: list[CaptionOutput]
+) -> None:
+    slots = SlotEngine(engine, slots=4, capacity=256)
+    # Six rows, four slots: later rows wait for a slot and reuse a freed one.
+    got = run_staggered(slots, rows, join_at=[0, 0, 3, 4, 4, 11])
+    for i, (output, ref) in enumerate(zip(got, alone, strict=True)):
+        assert_same(output, ref, i)
+    assert max(o.batch_size for o in got) == 4
+    assert slots.live == 0
+
+
+def test_order_and_slot_do_not_change_a_caption(
+    engine: GenerateEngine, rows: list[PreparedInput], alone: list[CaptionOutput]
+) -> None:
+    slots = SlotEngine(engine, slots=6, capacity=256)
+    order = [5, 2, 0, 4, 1, 3]
+    got = run_staggered(slots, [rows[i] for i in order], join_at=[0, 1, 1, 2, 7, 7])
+    for output, i in zip(got, order, strict=True):
+        assert_same(output, alone[i], i)
+
+
+def test_end_of_sequence_stops_a_row_like_generate(
+    engine: GenerateEngine, rows: list[PreparedInput], alone: list[CaptionOutput]
+) -> None:
+    """Make the third token of row 2's caption an end-of-sequence token for both engines."""
+    token = engine.processor.tokenizer(alone[2].text.split()[0])["input_ids"][0]
+    original = engine.model.generation_config
+    config = copy.deepcopy(original)
+    config.eos_token_id = [*engine.eos_ids, int(token)]
+    engine.model.generation_config = config
+    try:
+        ref = engine.generate([rows[2]])[0]
+        slots = SlotEngine(engine, slots=2, capacity=256)
+        got = run_staggered(slots, [rows[2], rows[0]], join_at=[0, 0])
+    finally:
+        engine.model.generation_config = original
+    assert ref.finish_reason == "stop"
+    assert ref.generated_tokens < LENGTHS[2]
+    assert_same(got[0], ref, "stopped row")
+    assert got[1].text == alone[0].text
+
+
+def test_seeded_sampled_row_is_the_same_alone_and_beside_others(
+    engine: GenerateEngine, rows: list[PreparedInput]
+) -> None:
+    sampled = GenerationOptions(do_sample=True, temperature=1.5, top_k=40, top_p=0.95, seed=7)
+    other = GenerationOptions(do_sample=True, temperature=0.8, seed=99)
+    mine = prepare(engine, 1, sampled)
+    lone = run_staggered(SlotEngine(engine, slots=3, capacity=256), [mine], [0])[0]
+    crowd = [prepare(engine, 0), mine, prepare(engine, 3, other)]
+    beside = run_staggered(SlotEngine(engine, slots=3, capacity=256), crowd, [0, 2, 1])
+    assert beside[1].text == lone.text
+    assert beside[0].text == engine.generate([crowd[0]])[0].text  # greedy neighbour unchanged
+    reseeded = prepare(engine, 1, dataclasses.replace(sampled, seed=8))
+    other_seed = run_staggered(SlotEngine(engine, slots=1, capacity=256), [reseeded], [0])[0]
+    assert other_seed.text != lone.text  # the seed is what made it reproducible
+
+
+def test_repetition_penalty_matches_generate(engine: GenerateEngine) -> None:
+    options = GenerationOptions(repetition_penalty=1.3)
+    row = prepare(engine, 2, options)
+    ref = engine.generate([row])[0]
+    got = run_staggered(
+        SlotEngine(engine, slots=2, capacity=256), [row, prepare(engine, 0)], [0, 1]
+    )
+    assert_same(got[0], ref, "penalised row")
+    assert got[0].text != engine.generate([prepare(engine, 2)])[0].text
+
+
+@pytest.fixture()
+def runner(engine: GenerateEngine) -> Iterator[SlotRunner]:
+    runner = SlotRunner(SlotEngine(engine, slots=3, capacity=128))
+    runner.start()
+    yield runner
+    runner.stop(timeout=30)
+
+
+def test_runner_answers_every_row_with_its_lone_caption(
+    runner: SlotRunner, rows: list[PreparedInput], alone: list[CaptionOutput]
+) -> None:
+    far = time.monotonic() + 60
+    futures = []
+    for i, row in enumerate(rows):
+        futures.append(runner.submit(row, far))
+        if i % 2:
+            time.sleep(0.05)  # rows arrive while others decode
+    for i, got in enumerate(settle(runner, futures, timeout=60)):
+        assert isinstance(got, CaptionOutput), got
+        assert_same(got, alone[i], i)
+
+
+def test_row_too_long_for_a_slot_runs_alone_through_generate(
+    engine: GenerateEngine, runner: SlotRunner, rows: list[PreparedInput]
+) -> None:
+    long_row = dataclasses.replace(rows[2], max_new_tokens=200)  # prompt + 200 > 128
+    ref = engine.generate([long_row])[0]
+    far = time.monotonic() + 120
+    got = settle(runner, [runner.submit(long_row, far), runner.submit(rows[0], far)], 120)
+    assert isinstance(got[0], CaptionOutput), got[0]
+    assert_same(got[0], ref, "long row")
+    assert isinstance(got[1], CaptionOutput), got[1]
+
+
+def test_row_past_its_deadline_times_out_and_frees_its_slot(
+    runner: SlotRunner, rows: list[PreparedInput], alone: list[CaptionOutput]
+) -> None:
+    slow = dataclasses.replace(rows[2], max_new_tokens=100)
+    doomed = runner.submit(slow, time.monotonic() + 0.3)
+    fine = runner.submit(rows[1], time.monotonic() + 60)
+    got = settle(runner, [doomed, fine], timeout=60)
+    assert isinstance(got[0], CaptionTimeout), got[0]
+    assert isinstance(got[1], CaptionOutput) and got[1].text == alone[1].text
+    later = settle(runner, [runner.submit(rows[3], time.monotonic() + 60)], timeout=60)[0]
+    assert isinstance(later, CaptionOutput) and later.text == alone[3].text
+
+
+def test_a_looping_caption_stops_with_repetition_in_both_engines(
+    engine: GenerateEngine, rows: list[PreparedInput], alone: list[CaptionOutput]
+) -> None:
+    """Row 2's caption settles into a two-token loop; a short guard cuts it in both engines."""
+    guarded = GenerateEngine(
+        engine.model, engine.processor, engine.info, repetition=RepetitionGuard(6, 3)
+    )
+    looping = dataclasses.replace(rows[2], max_new_tokens=40)
+    ref = guarded.generate([looping])[0]
+    got = run_staggered(SlotEngine(guarded, slots=2, capacity=256), [looping, rows[0]], [0, 0])
+    assert ref.finish_reason == "repetition"
+    assert 6 <= ref.generated_tokens < 40
+    assert_same(got[0], ref, "looping row")
+    assert_same(got[1], alone[0], "neighbour")  # 12 tokens that do not loop: untouched
+    off = GenerateEngine(engine.model, engine.processor, engine.info, RepetitionGuard(0, 3))
+    assert off.generate([looping])[0].finish_reason == "length"

@@ -1,0 +1,194 @@
+"""The model thread for the slot engine: rows join between decode steps and leave when done.
+
+Task threads ``submit`` prepared rows as they do to the batcher. Between any two decode
+steps the thread admits waiting rows into free slots, decodes one step for every live row,
+resolves the rows that finished, and ends rows whose deadline passed. Nothing waits for a
+batch to fill: a row that arrives mid-decode starts at the next step.
+
+Crash accounting works as with the batcher: a row's guard is entered when it is admitted
+and left when it finishes, and a suspect row (an earlier model call with it never
+returned) runs with no other row beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+
+from worker.batching.rows import PendingRow, fail_row
+from worker.engine.base import CaptionOutput, PreparedInput, RunGuard
+from worker.engine.slot_engine import SlotEngine
+from worker.errors import CaptionFailed, CaptionTimeout
+
+log = logging.getLogger(__name__)
+
+
+class SlotRunner:
+    """Feeds a ``SlotEngine`` from task threads (a ``RowRunner``)."""
+
+    def __init__(self, engine: SlotEngine) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._pending: deque[PendingRow] = deque()
+        self._live: dict[int, PendingRow] = {}
+        self._running = False
+        self._thread: threading.Thread | None = None
+        # Lowered after an out-of-memory: the most rows known to fit together.
+        self.row_cap = engine.slots
+        self.busy_since: float | None = None
+
+    def start(self) -> None:
+        """Start the model thread."""
+        with self._cond:
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="caption-slots", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        """Whether the model thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every submitted row, then stop the thread."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @contextmanager
+    def expect(self) -> Iterator[None]:
+        """Rows join at any step, so nothing waits for rows still on their way."""
+        yield
+
+    def submit(
+        self, item: PreparedInput, deadline: float, guard: RunGuard | None = None
+    ) -> Future[CaptionOutput]:
+        """Queue one prepared row; the future resolves to its caption or error."""
+        future: Future[CaptionOutput] = Future()
+        with self._cond:
+            if not self._running:
+                raise CaptionFailed("the worker is shutting down")
+            self._pending.append(PendingRow(item, deadline, future, guard=guard))
+            self._cond.notify_all()
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not self._pending and not self._live:
+                    self._cond.wait()
+                if not self._pending and not self._live:
+                    return
+                admitted = self._take()
+            try:
+                for entry in admitted:
+                    self._admit(entry)
+                self._step()
+                self._expire()
+            except Exception as exc:  # keep the only model thread alive whatever happens
+                log.exception("slot step failed")
+                self._fail_live(CaptionFailed(f"internal slot engine error: {exc!r}"))
+
+    def _take(self) -> list[PendingRow]:
+        """Waiting rows to admit now, oldest first (lock held)."""
+        now = time.monotonic()
+        if any(e.suspect for e in self._live.values()):
+            return []  # a suspect row runs with nothing beside it
+        room = min(len(self._engine.free_slots()), self.row_cap - len(self._live))
+        taken: list[PendingRow] = []
+        kept: deque[PendingRow] = deque()
+        while self._pending:
+            entry = self._pending.popleft()
+            if entry.future.cancelled():
+                continue
+            if entry.deadline <= now:
+                fail_row(entry, CaptionTimeout("the task deadline passed while it waited"))
+                continue
+            fits = self._engine.fits(entry.item)
+            busy = entry.suspect and bool(taken or self._live)
+            full = fits and sum(self._engine.fits(t.item) for t in taken) >= room
+            if busy or full:
+                kept.append(entry)
+                continue
+            if entry.future.set_running_or_notify_cancel():
+                taken.append(entry)
+                if entry.suspect:
+                    break
+        kept.extend(self._pending)
+        self._pending = kept
+        return taken
+
+    def _admit(self, entry: PendingRow) -> None:
+        if entry.guard is not None:
+            entry.guard.enter()
+        self.busy_since = time.monotonic()
+        try:
+            slot = self._engine.free_slots()[0] if self._engine.fits(entry.item) else None
+            if slot is not None:
+                output = self._engine.admit(slot, entry.item)
+            else:
+                log.info("a row of %d tokens runs alone", entry.item.prompt_tokens)
+                output = self._engine.run_alone(entry.item, entry.deadline)
+        except self._engine.oom_errors as exc:
+            self._leave(entry)
+            self._engine.release_memory()
+            if self._live:
+                self.row_cap = max(1, len(self._live))
+                log.warning("out of memory admitting a row; at most %d rows now", self.row_cap)
+                with self._cond:
+                    self._pending.appendleft(entry)  # retried when rows have left
+                return
+            fail_row(entry, CaptionFailed(f"out of memory even as the only row: {exc}"))
+            return
+        except Exception as exc:
+            self._leave(entry)
+            log.exception("prefill failed for one row")
+            fail_row(entry, CaptionFailed(f"the model failed: {exc!r}"))
+            return
+        finally:
+            self.busy_since = None
+        if output is None and slot is not None:
+            self._live[slot] = entry
+        elif output is not None:
+            self._finish(entry, output)
+
+    def _step(self) -> None:
+        if not self._live:
+            return
+        self.busy_since = time.monotonic()
+        try:
+            finished = self._engine.step()
+        finally:
+            self.busy_since = None
+        for slot, output in finished:
+            self._finish(self._live.pop(slot), output)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for slot, entry in list(self._live.items()):
+            if entry.deadline <= now or entry.future.cancelled():
+                self._finish(self._live.pop(slot), self._engine.stop_row(slot, "timeout"))
+
+    def _finish(self, entry: PendingRow, output: CaptionOutput) -> None:
+        self._leave(entry)
+        if output.finish_reason == "timeout":
+            took = f"{output.seconds:.1f}s in the model"
+            fail_row(entry, CaptionTimeout(f"captioning passed the task deadline ({took})"))
+        elif not entry.future.done():
+            entry.future.set_result(output)
+
+    def _leave(self, entry: PendingRow) -> None:
+        if entry.guard is not None:
+            entry.guard.exit()
+
+    def _fail_live(self, exc: BaseException) -> None:
+        for slot, entry in list(self._live.items()):
+            self._engine.stop_row(slot, "timeout")
+            self._leave(entry)
+            fail_row(self._live.pop(slot), exc)

@@ -1,0 +1,162 @@
+"""The slot engine: a fixed number of rows decode together, and a row joins or leaves between
+any two steps.
+
+Each slot holds one row's keys and values in a static cache. ``admit`` prefills a new row
+into a free slot (its image through the vision encoder, its prompt through the decoder) and
+chooses its first token; ``step`` decodes one token for every live row at once and returns
+the rows that finished, whose slots are free at once. Nothing waits for the longest row of
+a batch, and a task that arrives mid-decode starts at the next step.
+
+It wraps a loaded ``GenerateEngine`` for the model, the processor and row preparation, and
+runs a row that does not fit a slot (prompt + ``max_new_tokens`` over the slot capacity)
+through that engine's ``generate`` instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from worker.engine.base import CaptionOutput, FinishReason, ModelInfo, PreparedInput
+from worker.engine.hf_generate import GenerateEngine
+from worker.engine.qwen3vl import StaticKVCache, decode_step, prefill
+from worker.engine.sampling import RowSampler
+
+
+@dataclass
+class _Row:
+    item: PreparedInput
+    sampler: RowSampler
+    seen: torch.Tensor  # prompt ids then generated ids, for the repetition penalty
+    length: int  # tokens in the cache
+    rope_delta: int
+    started: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    peak_rows: int = 1
+
+
+class SlotEngine:
+    """Continuous batching over a static KV cache of ``slots`` rows."""
+
+    def __init__(self, base: GenerateEngine, slots: int, capacity: int) -> None:
+        self.base = base
+        self.slots = slots
+        self.capacity = capacity
+        self.cache = StaticKVCache(base.model, slots, capacity)
+        self._device = self.cache.keys[0].device
+        self._rows: dict[int, _Row] = {}
+        self._eos = base.eos_ids
+        self._pad = base.pad_id
+
+    # CaptionEngine: identity and row preparation come from the wrapped engine.
+    @property
+    def info(self) -> ModelInfo:
+        return self.base.info
+
+    @property
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        return self.base.oom_errors
+
+    def release_memory(self) -> None:
+        self.base.release_memory()
+
+    def prepare(self, image: Any, prompt: str, **kwargs: Any) -> PreparedInput:
+        return self.base.prepare(image, prompt, **kwargs)
+
+    def warm_up(self) -> CaptionOutput:
+        """Admit one small row and decode it to the end, through the slot path."""
+        item = self.base.warm_up_input(max_new_tokens=2)
+        done = self.admit(self.free_slots()[0], item)
+        while done is None:
+            finished = self.step()
+            done = finished[0][1] if finished else None
+        return done
+
+    # Slots.
+    @property
+    def live(self) -> int:
+        return len(self._rows)
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.slots) if s not in self._rows]
+
+    def fits(self, item: PreparedInput) -> bool:
+        """Whether the row's prompt and longest caption fit one slot."""
+        return item.prompt_tokens + item.max_new_tokens <= self.capacity
+
+    def run_alone(self, item: PreparedInput, deadline: float | None) -> CaptionOutput:
+        """Caption a row that does not fit a slot with the wrapped engine's ``generate``."""
+        return self.base.generate([item], None if deadline is None else [deadline])[0]
+
+    def admit(self, slot: int, item: PreparedInput) -> CaptionOutput | None:
+        """Prefill ``item`` into a free ``slot`` and choose its first token.
+
+        Returns the row's output if that token already ends it, else None (it is live).
+        """
+        if slot in self._rows:
+            raise ValueError(f"slot {slot} is in use")
+        if not self.fits(item):
+            raise ValueError("row does not fit a slot; use run_alone")
+        started = time.perf_counter()
+        first, dynamic_cache = prefill(self.base.model, item.tensors)
+        self.cache.load(slot, dynamic_cache, first.length)
+        sampler = RowSampler.for_row(item.options, self.base.model.generation_config, self._device)
+        prompt_ids = item.tensors["input_ids"][0].to(self._device)
+        row = _Row(item, sampler, prompt_ids, first.length, first.rope_delta, started)
+        row.peak_rows = self.live + 1
+        self._rows[slot] = row
+        return self._accept(slot, row, first.logits)
+
+    def step(self) -> list[tuple[int, CaptionOutput]]:
+        """Decode one token for every live row; return the rows that finished."""
+        if not self._rows:
+            return []
+        tokens = torch.full((self.slots,), self._pad, dtype=torch.long, device=self._device)
+        lengths = torch.zeros(self.slots, dtype=torch.long, device=self._device)
+        deltas = torch.zeros(self.slots, dtype=torch.long, device=self._device)
+        for slot, row in self._rows.items():
+            tokens[slot] = row.generated[-1]
+            lengths[slot] = row.length
+            deltas[slot] = row.rope_delta
+        logits = decode_step(self.base.model, self.cache, tokens, lengths, deltas)
+        finished = []
+        live = self.live
+        for slot, row in list(self._rows.items()):
+            row.length += 1
+            row.peak_rows = max(row.peak_rows, live)
+            output = self._accept(slot, row, logits[slot])
+            if output is not None:
+                finished.append((slot, output))
+        return finished
+
+    def stop_row(self, slot: int, reason: FinishReason) -> CaptionOutput:
+        """End a live row now (its deadline passed) and free its slot."""
+        row = self._rows.pop(slot)
+        return self._output(row, row.generated, len(row.generated), reason)
+
+    def _accept(self, slot: int, row: _Row, logits: torch.Tensor) -> CaptionOutput | None:
+        token = row.sampler.next_token(logits, row.seen)
+        row.generated.append(token)
+        row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
+        if token in self._eos:
+            del self._rows[slot]
+            return self._output(row, row.generated[:-1], len(row.generated), "stop")
+        if len(row.generated) >= row.item.max_new_tokens:
+            del self._rows[slot]
+            return self._output(row, row.generated, len(row.generated), "length")
+        if self.base.repetition.repeats(row.generated):
+            del self._rows[slot]
+            return self._output(row, row.generated, len(row.generated), "repetition")
+        return None
+
+    def _output(
+        self, row: _Row, kept: list[int], generated: int, reason: FinishReason
+    ) -> CaptionOutput:
+        text = self.base.decode(kept)
+        seconds = time.perf_counter() - row.started
+        return CaptionOutput(
+            text, row.item.prompt_tokens, generated, reason, seconds, row.peak_rows
+        )
