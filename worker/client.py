@@ -8,6 +8,7 @@ tell a task still waiting in the queue from an id nobody ever sent.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,13 +49,25 @@ class CaptionClient:
 
     def submit(self, image: str, **options: Any) -> str:
         """Enqueue one caption task and return its id."""
-        result = self.app.send_task(
-            TASK_NAME, kwargs={"image": image, **options}, queue=self.settings.queue
-        )
+        task_id = str(uuid.uuid4())
         client = getattr(self.app.backend, "client", None)
+        queued = QUEUED_KEY.format(task_id=task_id)
+        # Marked before sending: a task that finishes at once deletes the marker, and a
+        # marker written after that would outlive its task.
         if client is not None:
-            client.set(QUEUED_KEY.format(task_id=result.id), "1", ex=self.settings.result_expires_s)
-        return str(result.id)
+            client.set(queued, "1", ex=self.settings.result_expires_s)
+        try:
+            self.app.send_task(
+                TASK_NAME,
+                kwargs={"image": image, **options},
+                queue=self.settings.queue,
+                task_id=task_id,
+            )
+        except BaseException:
+            if client is not None:
+                client.delete(queued)
+            raise
+        return task_id
 
     def status(self, task_id: str) -> TaskStatus:
         """The task's state; PENDING is reported as QUEUED or UNKNOWN."""
