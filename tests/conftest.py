@@ -1,4 +1,10 @@
-"""Shared fixtures: real services on loopback, and the tiny SDNQ model built once per run."""
+"""Shared fixtures (real services on loopback, the tiny SDNQ model built once per run) and the
+folder rule: everything under ``tests/process`` runs real processes and is marked ``slow``.
+
+Folders go by cost: ``unit`` (no processes, no sockets), ``integration`` (real Redis, a real
+S3 HTTP server or the tiny model, in this process), ``process`` (real ``celery worker`` or
+CLI processes). ``pytest -m "not slow"`` runs the first two.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,17 @@ import pytest
 # sdnq's import-time torch.compile self-test costs ~20 s on a CPU and tests no feature here.
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 
-from worker.devstack import LoopbackS3
+from worker.devtools.loopback import LoopbackS3
+
+PROCESS_TESTS = Path(__file__).resolve().parent / "process"
+SHARED_REDIS = "redis://127.0.0.1:6379"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(PROCESS_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -50,75 +66,18 @@ def s3_client(s3_server: LoopbackS3) -> Any:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen3-VL, SDNQ uint4+SVD, saved like a hub repo; built once per run."""
-    from worker.tiny_model import build_tiny_model
+    from worker.devtools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen3-vl")
-
-
-SHARED_REDIS = "redis://127.0.0.1:6379"
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The machine's Redis; missing it skips locally but fails in CI."""
-    import redis
+    from worker.devtools.redis_server import redis_answers
 
-    try:
-        redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
+    if not redis_answers(SHARED_REDIS):
         if os.environ.get("CI"):
-            pytest.fail(f"Redis is required in CI: {exc}")
-        pytest.skip(f"no Redis at {SHARED_REDIS}: {exc}")
+            pytest.fail(f"Redis is required in CI at {SHARED_REDIS}")
+        pytest.skip(f"no Redis at {SHARED_REDIS}")
     return SHARED_REDIS
-
-
-def worker_env(
-    *, model_dir: Path, s3: LoopbackS3, redis_base: str, queue: str, **extra: str
-) -> dict[str, str]:
-    """Environment for a worker process and its producer: tiny model, loopback S3, Redis."""
-    env = {
-        **s3.env(),
-        "CAPTION_BROKER_URL": f"{redis_base}/0",
-        "CAPTION_RESULT_BACKEND": f"{redis_base}/1",
-        "CAPTION_QUEUE": queue,
-        "CAPTION_MODEL": str(model_dir),
-        "CAPTION_DTYPE": "float32",
-        "CAPTION_AUTO_DOWNLOAD": "false",
-        "CAPTION_MAX_BATCH": "8",
-        "CAPTION_TASK_DEADLINE_S": "60",
-        "CAPTION_VISIBILITY_TIMEOUT_S": "300",
-        "SDNQ_USE_TORCH_COMPILE": "0",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "2",
-    }
-    env.update(extra)
-    return env
-
-
-def producer(env: dict[str, str]) -> Any:
-    """A producer as a web backend would build it: Celery and two URLs, no ``worker`` import."""
-    from celery import Celery
-
-    app = Celery(
-        "producer", broker=env["CAPTION_BROKER_URL"], backend=env["CAPTION_RESULT_BACKEND"]
-    )
-    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
-    return app
-
-
-def png_bytes(
-    size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (200, 40, 40)
-) -> bytes:
-    """A small PNG with some structure in it."""
-    import io
-
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", size, color)
-    ImageDraw.Draw(image).rectangle(
-        (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(20, 20, 220)
-    )
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()

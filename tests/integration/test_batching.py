@@ -8,15 +8,12 @@ shows up in the text.
 from __future__ import annotations
 
 import dataclasses
-import io
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,16 +23,17 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
-from tests.support.batching import settle  # noqa: E402
+from tests.support.batching import running, settle  # noqa: E402
 from tests.support.faulty_engine import FaultyEngine  # noqa: E402
-from worker.batcher import Batcher, BatchLimits  # noqa: E402
-from worker.engine import PATCH_PIXELS, CaptionOutput, Engine, PreparedInput, load_engine  # noqa: E402
+from tests.support.images import encode  # noqa: E402
+from worker.contract import CaptionResult, GenerationOptions, parse_request  # noqa: E402
+from worker.engine.base import PATCH_PIXELS, CaptionOutput, PreparedInput  # noqa: E402
+from worker.engine.hf_generate import GenerateEngine, load_engine  # noqa: E402
 from worker.errors import CaptionFailed, InvalidImage  # noqa: E402
 from worker.images import fit_pixel_budget  # noqa: E402
-from worker.request import GenerationOptions  # noqa: E402
-from worker.service import CaptionService  # noqa: E402
+from worker.runtime.service import CaptionService  # noqa: E402
 from worker.settings import Settings  # noqa: E402
-from worker.storage import ObjectStore  # noqa: E402
+from worker.storage.s3 import ObjectStore  # noqa: E402
 
 MAX_PIXELS = PATCH_PIXELS * 48  # up to 48 image tokens: prompts from ~37 to ~87 tokens
 MIN_PIXELS = PATCH_PIXELS * 4
@@ -69,11 +67,11 @@ def settings(tiny_model_dir: Path) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def engine(settings: Settings) -> Engine:
+def engine(settings: Settings) -> GenerateEngine:
     return load_engine(settings)
 
 
-def prepare(engine: Engine, key: Key, max_new_tokens: int = MAX_NEW) -> PreparedInput:
+def prepare(engine: GenerateEngine, key: Key, max_new_tokens: int = MAX_NEW) -> PreparedInput:
     image = fit_pixel_budget(picture(key[0]), MAX_PIXELS)
     return engine.prepare(
         image,
@@ -86,12 +84,12 @@ def prepare(engine: Engine, key: Key, max_new_tokens: int = MAX_NEW) -> Prepared
 
 
 @pytest.fixture(scope="module")
-def items(engine: Engine) -> dict[Key, PreparedInput]:
+def items(engine: GenerateEngine) -> dict[Key, PreparedInput]:
     return {key: prepare(engine, key) for key in KEYS}
 
 
 @pytest.fixture(scope="module")
-def alone(engine: Engine, items: dict[Key, PreparedInput]) -> dict[Key, CaptionOutput]:
+def alone(engine: GenerateEngine, items: dict[Key, PreparedInput]) -> dict[Key, CaptionOutput]:
     """Each item's caption from a generate call of its own: the reference."""
     return {key: engine.generate([item])[0] for key, item in items.items()}
 
@@ -104,9 +102,9 @@ def assert_same_caption(got: CaptionOutput, ref: CaptionOutput, key: Key) -> Non
 
 
 class Recording:
-    """A BatchModel around an engine that records the size of every generate call."""
+    """A BatchEngine around an engine that records the size of every generate call."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: GenerateEngine) -> None:
         self.engine = engine
         self.sizes: list[int] = []
         self.oom_sizes: list[int] = []
@@ -133,16 +131,6 @@ class Recording:
             raise
 
 
-@contextmanager
-def running(model: Recording, **limits: Any) -> Iterator[Batcher]:
-    batcher = Batcher(model, BatchLimits(**limits))
-    batcher.start()
-    try:
-        yield batcher
-    finally:
-        batcher.stop(timeout=30)
-
-
 def test_alone_captions_tell_images_and_prompts_apart(alone: dict[Key, CaptionOutput]) -> None:
     # The comparisons below can only catch a swapped or corrupted row if captions differ.
     texts = [out.text for out in alone.values()]
@@ -155,7 +143,7 @@ def test_alone_captions_tell_images_and_prompts_apart(alone: dict[Key, CaptionOu
 
 @pytest.mark.parametrize(("size", "seed"), [(2, 1), (3, 2), (5, 3), (len(KEYS), 4)])
 def test_batched_captions_equal_alone_captions(
-    engine: Engine,
+    engine: GenerateEngine,
     items: dict[Key, PreparedInput],
     alone: dict[Key, CaptionOutput],
     size: int,
@@ -174,7 +162,7 @@ def test_batched_captions_equal_alone_captions(
 
 
 def test_each_row_stops_at_its_own_max_new_tokens(
-    engine: Engine, items: dict[Key, PreparedInput], alone: dict[Key, CaptionOutput]
+    engine: GenerateEngine, items: dict[Key, PreparedInput], alone: dict[Key, CaptionOutput]
 ) -> None:
     wanted: dict[Key, int] = {(0, 0): 2, (2, 1): MAX_NEW, (3, 0): 5, (5, 1): 1}
     batch = {key: prepare(engine, key, n) for key, n in wanted.items()}
@@ -187,7 +175,7 @@ def test_each_row_stops_at_its_own_max_new_tokens(
 
 
 def test_row_past_its_deadline_stops_without_changing_its_neighbour(
-    engine: Engine, items: dict[Key, PreparedInput], alone: dict[Key, CaptionOutput]
+    engine: GenerateEngine, items: dict[Key, PreparedInput], alone: dict[Key, CaptionOutput]
 ) -> None:
     late, fine = (1, 0), (4, 1)
     now = time.monotonic()
@@ -199,19 +187,17 @@ def test_row_past_its_deadline_stops_without_changing_its_neighbour(
 
 
 def test_out_of_memory_split_gives_every_task_its_alone_caption(
-    engine: Engine,
+    engine: GenerateEngine,
     alone: dict[Key, CaptionOutput],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FAULT_OOM_ABOVE", "3")
-    faulty = FaultyEngine(
-        engine.model, engine.processor, engine.resolved, engine.device, engine.provenance
-    )
+    faulty = FaultyEngine(engine.model, engine.processor, engine.info, engine.repetition)
     model = Recording(faulty)
     keys = KEYS[:8]
     barrier = threading.Barrier(len(keys), timeout=30)
 
-    with running(model, max_batch=8, wait_s=5.0, pad_ratio=4.0) as batcher:
+    with running(model, stop_timeout=30, max_batch=8, wait_s=5.0, pad_ratio=4.0) as batcher:
 
         def task(key: Key) -> Future[CaptionOutput]:
             with batcher.expect():  # as CaptionService does around download + prepare
@@ -234,7 +220,7 @@ def test_out_of_memory_split_gives_every_task_its_alone_caption(
 
 
 def test_broken_row_fails_alone_and_its_neighbours_keep_their_captions(
-    engine: Engine, items: dict[Key, PreparedInput], alone: dict[Key, CaptionOutput]
+    engine: GenerateEngine, items: dict[Key, PreparedInput], alone: dict[Key, CaptionOutput]
 ) -> None:
     good = [(0, 0), (2, 1), (5, 0)]
     # An input whose image grid does not match its pixels: generate raises on it.
@@ -245,7 +231,7 @@ def test_broken_row_fails_alone_and_its_neighbours_keep_their_captions(
     batch = [items[good[0]], broken, items[good[1]], items[good[2]]]
     model = Recording(engine)
 
-    with running(model, max_batch=8, wait_s=5.0, pad_ratio=4.0) as batcher:
+    with running(model, stop_timeout=30, max_batch=8, wait_s=5.0, pad_ratio=4.0) as batcher:
         with batcher.expect():
             futures = [batcher.submit(item, time.monotonic() + 60) for item in batch]
         outcomes = settle(batcher, futures, timeout=30.0)
@@ -259,31 +245,27 @@ def test_broken_row_fails_alone_and_its_neighbours_keep_their_captions(
     assert batcher.batch_cap == 8
 
 
-def png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
 def test_service_burst_with_an_undecodable_image_captions_the_rest(
-    settings: Settings, engine: Engine, alone: dict[Key, CaptionOutput]
+    settings: Settings, engine: GenerateEngine, alone: dict[Key, CaptionOutput]
 ) -> None:
     model = Recording(engine)
     images = [0, 1, 3, 4]
-    uploads: list[bytes] = [png(picture(i)) for i in images]
+    uploads: list[bytes] = [encode(picture(i)) for i in images]
     uploads.insert(2, b"\x89PNG\r\n\x1a\n but not really a PNG")
 
     # A short deadline: if the batcher breaks, the task threads give up soon after.
     fast = settings.model_copy(update={"task_deadline_s": 5.0})
     pool = ThreadPoolExecutor(len(uploads))
-    with running(model, max_batch=8, wait_s=0.5) as batcher:
+    with running(model, stop_timeout=30, max_batch=8, wait_s=0.5) as batcher:
         # data= bypasses S3, so the store's client is never used.
         store = ObjectStore(fast, client=object())
         service = CaptionService(fast, engine, store, batcher, "test")
 
-        def task(data: bytes) -> dict[str, Any] | BaseException:
+        request = parse_request({"image": "local.png", "max_new_tokens": MAX_NEW}, fast)
+
+        def task(data: bytes) -> CaptionResult | BaseException:
             try:
-                return service.caption({"image": "local.png", "max_new_tokens": MAX_NEW}, data)
+                return service.caption(request, data)
             except Exception as exc:
                 return exc
 
@@ -295,8 +277,9 @@ def test_service_burst_with_an_undecodable_image_captions_the_rest(
 
     assert isinstance(results.pop(2), InvalidImage)
     for index, result in zip(images, results, strict=True):
-        assert isinstance(result, dict), (index, result)
+        assert isinstance(result, CaptionResult), (index, result)
+        out = result.to_json()
         ref = alone[(index, 0)]  # PROMPTS[0] is the worker's default prompt
-        assert (result["text"], result["generated_tokens"]) == (ref.text, MAX_NEW), index
-        assert result["image_size"] == list(SIZES[index])
+        assert (out["text"], out["generated_tokens"]) == (ref.text, MAX_NEW), index
+        assert out["image_size"] == list(SIZES[index])
     assert sum(model.sizes) == len(images)

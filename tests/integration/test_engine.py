@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.engine import Engine, load_engine, placement
-from worker.request import GenerationOptions
+from worker.contract import GenerationOptions
+from worker.engine.hf_generate import GenerateEngine, load_engine
 from worker.settings import Settings
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Engine:
+def engine(tiny_model_dir: Path) -> GenerateEngine:
     return load_engine(Settings(model=str(tiny_model_dir), dtype="float32", auto_download=False))
 
 
-def _prepare(engine: Engine, prompt: str, size: tuple[int, int] = (64, 48)):  # type: ignore[no-untyped-def]
+def _prepare(engine: GenerateEngine, prompt: str, size: tuple[int, int] = (64, 48)):  # type: ignore[no-untyped-def]
     return engine.prepare(
         Image.new("RGB", size, (10, 200, 30)),
         prompt,
@@ -30,10 +30,16 @@ def _prepare(engine: Engine, prompt: str, size: tuple[int, int] = (64, 48)):  # 
     )
 
 
-def test_loads_sdnq_weights_and_reports_provenance(engine: Engine, tiny_model_dir: Path) -> None:
-    assert engine.name == str(tiny_model_dir.resolve())
-    assert engine.device == "cpu"
-    quant = engine.provenance["quantization"]
+def test_loads_sdnq_weights_and_reports_provenance(
+    engine: GenerateEngine, tiny_model_dir: Path
+) -> None:
+    info = engine.info
+    assert info.name == str(tiny_model_dir.resolve())
+    assert info.resolved.is_local and info.resolved.source == info.name
+    assert engine.info.device == "cpu"
+    assert info.provenance["device"] == "cpu" and info.provenance["dtype"] == "float32"
+    assert info.provenance["revision"] is None  # a local directory has no hub revision
+    quant = info.provenance["quantization"]
     assert quant == {
         "quant_method": "sdnq",
         "weights_dtype": "uint4",
@@ -42,15 +48,15 @@ def test_loads_sdnq_weights_and_reports_provenance(engine: Engine, tiny_model_di
     }
     layer = engine.model.model.language_model.layers[0].mlp.up_proj
     assert type(layer).__name__ != "Linear"  # an SDNQ layer, not a plain nn.Linear
-    assert set(engine.provenance["versions"]) >= {"torch", "transformers", "sdnq"}
+    assert set(info.provenance["versions"]) >= {"torch", "transformers", "sdnq"}
 
 
-def test_warm_up_answers_with_one_token(engine: Engine) -> None:
+def test_warm_up_answers_with_one_token(engine: GenerateEngine) -> None:
     out = engine.warm_up()
     assert out.generated_tokens == 1 and out.finish_reason == "length"
 
 
-def test_prepare_is_safe_from_many_threads(engine: Engine) -> None:
+def test_prepare_is_safe_from_many_threads(engine: GenerateEngine) -> None:
     prompts = [f"Describe picture {i} in detail." for i in range(64)]
     alone = [_prepare(engine, p).tensors["input_ids"].tolist() for p in prompts]
     with ThreadPoolExecutor(16) as pool:
@@ -60,7 +66,7 @@ def test_prepare_is_safe_from_many_threads(engine: Engine) -> None:
     assert threaded == alone
 
 
-def test_expired_deadline_stops_the_row_as_timeout(engine: Engine) -> None:
+def test_expired_deadline_stops_the_row_as_timeout(engine: GenerateEngine) -> None:
     import time
 
     item = _prepare(engine, "Describe.")
@@ -69,26 +75,5 @@ def test_expired_deadline_stops_the_row_as_timeout(engine: Engine) -> None:
     assert out.generated_tokens <= 1
 
 
-def test_memory_modes_place_the_model() -> None:
-    assert placement(Settings(memory_mode="gpu"), cuda_available=True) == (
-        "cuda:0",
-        {"device_map": {"": "cuda:0"}},
-    )
-    assert placement(Settings(memory_mode="gpu", device="cuda:1"), True) == (
-        "cuda:1",
-        {"device_map": {"": "cuda:1"}},
-    )
-    assert placement(Settings(memory_mode="balanced"), True) == ("cuda:0", {"device_map": "auto"})
-    # lowvram keeps weights in CPU RAM; load_engine then streams them with accelerate.
-    assert placement(Settings(memory_mode="lowvram"), True) == (
-        "cuda:0",
-        {"device_map": {"": "cpu"}},
-    )
-    assert placement(Settings(memory_mode="balanced"), cuda_available=False) == (
-        "cpu",
-        {"device_map": {"": "cpu"}},
-    )
-
-
-def test_out_of_memory_is_recognised(engine: Engine) -> None:
+def test_out_of_memory_is_recognised(engine: GenerateEngine) -> None:
     assert issubclass(torch.cuda.OutOfMemoryError, engine.oom_errors)

@@ -19,10 +19,12 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from worker.engine import CaptionOutput, Engine, PreparedInput, load_engine
+from worker.engine.base import CaptionOutput, PreparedInput
+from worker.engine.hf_generate import GenerateEngine
+from worker.engine.loading import load_model
+from worker.engine.repetition import RepetitionGuard
 from worker.settings import Settings
 
 MARKERS = ("[slow]", "[hang]", "[kill]")
@@ -39,11 +41,12 @@ class _SleepEachStep:
         return scores
 
 
-@dataclass
-class FaultyEngine(Engine):
-    """Engine whose generate misbehaves for tasks that ask for it."""
+class FaultyEngine(GenerateEngine):
+    """GenerateEngine whose generate misbehaves for tasks that ask for it."""
 
-    markers: dict[int, str] = field(default_factory=dict)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # GenerateEngine's own arguments
+        self.markers: dict[int, str] = {}  # id(prepared row) -> its prompt's marker
 
     def prepare(self, image: Any, prompt: str, **kwargs: Any) -> PreparedInput:  # type: ignore[override]
         item = super().prepare(image, prompt, **kwargs)
@@ -52,6 +55,9 @@ class FaultyEngine(Engine):
             self.markers[id(item)] = found
         return item
 
+    def _found(self, batch: Sequence[PreparedInput]) -> set[str]:
+        return {m for item in batch if (m := self.markers.get(id(item))) is not None}
+
     def generate(
         self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
     ) -> list[CaptionOutput]:
@@ -59,28 +65,28 @@ class FaultyEngine(Engine):
 
         oom_above = int(os.environ.get("FAULT_OOM_ABOVE", "0"))
         if oom_above and len(batch) > oom_above:
+            # The markers stay: the batcher runs these rows again in smaller batches.
             raise torch.OutOfMemoryError(f"injected: batch of {len(batch)} > {oom_above}")
-        found = {self.markers.pop(id(item), None) for item in batch}
+        found = self._found(batch)
         if "[kill]" in found:
             os.kill(os.getpid(), signal.SIGKILL)
         if "[hang]" in found:
             time.sleep(3600)
-        if "[slow]" in found:
+        try:
+            return super().generate(batch, deadlines)
+        finally:
+            for item in batch:
+                self.markers.pop(id(item), None)
+
+    def _generate(self, batch: Sequence[PreparedInput], **kwargs: Any) -> Any:
+        if "[slow]" in self._found(batch):
             delay = float(os.environ.get("FAULT_STEP_DELAY_S", "0.5"))
-            original = self.model.generate
-
-            def slow_generate(*args: Any, **kwargs: Any) -> Any:
-                return original(*args, logits_processor=[_SleepEachStep(delay)], **kwargs)
-
-            self.model.generate = slow_generate
-            try:
-                return super().generate(batch, deadlines)
-            finally:
-                del self.model.generate
-        return super().generate(batch, deadlines)
+            kwargs["logits_processor"] = [_SleepEachStep(delay)]
+        return super()._generate(batch, **kwargs)
 
 
-def load_faulty_engine(settings: Settings) -> Engine:
-    """The production loader, wrapped."""
-    real = load_engine(settings)
-    return FaultyEngine(real.model, real.processor, real.resolved, real.device, real.provenance)
+def load_faulty_engine(settings: Settings) -> FaultyEngine:
+    """The production model, processor and provenance (``load_model``) behind the faulty
+    engine, with the repetition guard the worker's settings ask for."""
+    guard = RepetitionGuard(settings.repetition_span, settings.repetition_max_cycle)
+    return FaultyEngine(*load_model(settings), repetition=guard)

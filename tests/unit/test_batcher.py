@@ -1,133 +1,36 @@
-"""Dynamic batching against a fake model: who shares a generate call, and what each task gets.
+"""The Batcher thread against a fake engine: who shares a generate call, what each task gets.
 
-The fake records every batch it is handed and answers each row with a caption naming that
-row's tag, so a task that receives a neighbour's caption, or a batch that mixes what must
-not be mixed, shows up directly. Inputs carry real (tiny) tensors, as the engine's do.
+The fake (``tests.support.fake_engine``) records every batch it is handed and answers each row
+with a caption naming that row's tag, so a task that receives a neighbour's caption, or a
+batch that mixes what must not be mixed, shows up directly. Inputs carry real (tiny) tensors,
+as the engine's do. Which rows may share a batch, and when a batch starts, are pure
+functions tested in ``test_policy``; these tests hold the thread to them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.support.batching import settle  # noqa: E402
-from worker.batcher import Batcher, BatchLimits  # noqa: E402
-from worker.engine import CaptionOutput, PreparedInput, collate  # noqa: E402
+from tests.support.batching import running, settle  # noqa: E402
+from tests.support.fake_engine import GREEDY, FakeEngine, item  # noqa: E402
+from worker.batching.batcher import Batcher  # noqa: E402
+from worker.batching.policy import BatchLimits  # noqa: E402
+from worker.contract import GenerationOptions  # noqa: E402
+from worker.engine.base import CaptionOutput, PreparedInput  # noqa: E402
+from worker.engine.hf_generate import collate  # noqa: E402
 from worker.errors import CaptionFailed, CaptionTimeout  # noqa: E402
-from worker.request import GenerationOptions  # noqa: E402
 
-GREEDY = GenerationOptions()
 SAMPLED = GenerationOptions(do_sample=True, temperature=0.7)
 SAMPLED_SEEDED = GenerationOptions(do_sample=True, temperature=0.7, seed=1)
 LATER = 60.0  # seconds: a deadline that never matters in these tests
-
-
-def item(
-    tag: int,
-    *,
-    prompt_tokens: int = 40,
-    max_new_tokens: int = 16,
-    options: GenerationOptions = GREEDY,
-) -> PreparedInput:
-    """A prepared input whose token ids all equal ``tag``, so the fake can tell rows apart."""
-    return PreparedInput(
-        tensors={
-            "input_ids": torch.full((1, prompt_tokens), tag, dtype=torch.long),
-            "attention_mask": torch.ones((1, prompt_tokens), dtype=torch.long),
-        },
-        prompt_tokens=prompt_tokens,
-        image_size=(64, 64),
-        max_new_tokens=max_new_tokens,
-        options=options,
-    )
-
-
-def tag_of(entry: PreparedInput) -> int:
-    return int(entry.tensors["input_ids"][0, 0])
-
-
-class FakeModel:
-    """A BatchModel that records batches and captions each row with its own tag."""
-
-    def __init__(
-        self,
-        *,
-        oom_above: int | None = None,
-        oom_tags: Sequence[int] = (),
-        poison_tags: Sequence[int] = (),
-        timeout_tags: Sequence[int] = (),
-        gate: threading.Event | None = None,
-    ) -> None:
-        self.oom_above = oom_above
-        self.oom_tags = set(oom_tags)
-        self.poison_tags = set(poison_tags)
-        self.timeout_tags = set(timeout_tags)
-        self.gate = gate
-        self.calls: list[list[PreparedInput]] = []
-        self.deadlines: list[list[float] | None] = []
-        self.ooms = 0
-        self.releases = 0
-        self.batcher: Batcher | None = None
-        self.busy_since_seen: list[float | None] = []
-
-    @property
-    def oom_errors(self) -> tuple[type[BaseException], ...]:
-        return (torch.OutOfMemoryError,)
-
-    def release_memory(self) -> None:
-        self.releases += 1
-
-    def generate(
-        self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
-    ) -> list[CaptionOutput]:
-        self.calls.append(list(batch))
-        self.deadlines.append(None if deadlines is None else list(deadlines))
-        if self.batcher is not None:
-            self.busy_since_seen.append(self.batcher.busy_since)
-        if self.gate is not None:
-            assert self.gate.wait(5), "the test never opened the gate"
-        tags = {tag_of(entry) for entry in batch}
-        if (self.oom_above is not None and len(batch) > self.oom_above) or tags & self.oom_tags:
-            self.ooms += 1
-            raise torch.OutOfMemoryError(f"fake: {len(batch)} rows do not fit")
-        if tags & self.poison_tags:
-            raise ValueError("fake: a poisoned row broke the whole batch")
-        return [
-            CaptionOutput(
-                text=f"caption {tag_of(entry)}",
-                prompt_tokens=entry.prompt_tokens,
-                generated_tokens=entry.max_new_tokens,
-                finish_reason="timeout" if tag_of(entry) in self.timeout_tags else "length",
-                seconds=0.01,
-                batch_size=len(batch),
-            )
-            for entry in batch
-        ]
-
-    def tag_batches(self) -> list[list[int]]:
-        return [[tag_of(entry) for entry in call] for call in self.calls]
-
-    def sizes(self) -> list[int]:
-        return [len(call) for call in self.calls]
-
-
-@contextmanager
-def running(model: FakeModel, **limits: Any) -> Iterator[Batcher]:
-    batcher = Batcher(model, BatchLimits(**limits))
-    model.batcher = batcher
-    batcher.start()
-    try:
-        yield batcher
-    finally:
-        batcher.stop(timeout=5)
 
 
 def captions(outcomes: Sequence[CaptionOutput | BaseException]) -> list[str]:
@@ -145,7 +48,7 @@ def submit_all(batcher: Batcher, items: Sequence[PreparedInput]) -> list[Future[
 
 
 def test_tasks_submitted_together_share_calls_up_to_max_batch() -> None:
-    model = FakeModel()
+    model = FakeEngine()
     with running(model, max_batch=4, wait_s=5.0) as batcher:
         outcomes = settle(batcher, submit_all(batcher, [item(t) for t in range(10)]))
 
@@ -156,7 +59,7 @@ def test_tasks_submitted_together_share_calls_up_to_max_batch() -> None:
 
 @pytest.mark.parametrize("announced", [False, True], ids=["bare-submit", "inside-expect"])
 def test_lone_task_runs_at_once_when_nothing_else_is_preparing(announced: bool) -> None:
-    model = FakeModel()
+    model = FakeEngine()
     with running(model, wait_s=1.0) as batcher:
         started = time.monotonic()
         if announced:  # the service's own pattern: submit, then leave expect()
@@ -172,7 +75,7 @@ def test_lone_task_runs_at_once_when_nothing_else_is_preparing(announced: bool) 
 
 
 def test_open_expect_holds_the_batch_for_the_announced_task() -> None:
-    model = FakeModel()
+    model = FakeEngine()
     with running(model, wait_s=3.0) as batcher:
         started = time.monotonic()
         with batcher.expect():  # another task is still downloading
@@ -190,7 +93,7 @@ def test_open_expect_holds_the_batch_for_the_announced_task() -> None:
 
 
 def test_lone_task_waits_at_most_wait_s_for_an_announced_task() -> None:
-    model = FakeModel()
+    model = FakeEngine()
     wait_s = 0.5
     with running(model, wait_s=wait_s) as batcher, batcher.expect():  # never lands
         started = time.monotonic()
@@ -204,7 +107,7 @@ def test_lone_task_waits_at_most_wait_s_for_an_announced_task() -> None:
 
 def test_different_generation_options_never_share_a_batch() -> None:
     options = [GREEDY, SAMPLED, GREEDY, SAMPLED_SEEDED, SAMPLED, GREEDY, SAMPLED_SEEDED]
-    model = FakeModel()
+    model = FakeEngine()
     with running(model, wait_s=5.0) as batcher:
         items = [item(t, options=o) for t, o in enumerate(options)]
         outcomes = settle(batcher, submit_all(batcher, items))
@@ -216,49 +119,8 @@ def test_different_generation_options_never_share_a_batch() -> None:
     assert sorted(map(sorted, model.tag_batches())) == [[0, 2, 5], [1, 4], [3, 6]]
 
 
-def test_prompts_of_very_different_length_go_to_different_batches() -> None:
-    lengths = [40, 400, 44, 380, 60, 300, 75]
-    model = FakeModel()
-    with running(model, wait_s=5.0, pad_ratio=2.0) as batcher:
-        items = [item(t, prompt_tokens=n) for t, n in enumerate(lengths)]
-        outcomes = settle(batcher, submit_all(batcher, items))
-
-    assert captions(outcomes) == [f"caption {t}" for t in range(len(lengths))]
-    for call in model.calls:
-        longest = max(entry.prompt_tokens for entry in call)
-        shortest = min(entry.prompt_tokens for entry in call)
-        assert longest <= 2.0 * shortest, model.tag_batches()
-    assert sorted(map(sorted, model.tag_batches())) == [[0, 2, 4, 6], [1, 3, 5]]
-
-
-def test_a_full_batch_takes_the_prompt_lengths_closest_to_the_oldest_task() -> None:
-    lengths = [50, 30, 80, 52, 26, 55]
-    model = FakeModel()
-    with running(model, wait_s=5.0, max_batch=3, pad_ratio=2.0) as batcher:
-        items = [item(t, prompt_tokens=n) for t, n in enumerate(lengths)]
-        outcomes = settle(batcher, submit_all(batcher, items))
-
-    assert captions(outcomes) == [f"caption {t}" for t in range(len(lengths))]
-    assert sorted(model.tag_batches()[0]) == [0, 3, 5]  # 50 with 52 and 55
-    assert sorted(t for call in model.tag_batches() for t in call) == list(range(len(lengths)))
-
-
-def test_token_budget_caps_the_batch_size() -> None:
-    # (prompt + new) * rows must stay within the budget: 128 tokens a row, 4 rows in 512.
-    model = FakeModel()
-    with running(model, wait_s=5.0, max_batch=32, token_budget=512) as batcher:
-        items = [item(t, prompt_tokens=100, max_new_tokens=28) for t in range(10)]
-        outcomes = settle(batcher, submit_all(batcher, items))
-
-    assert captions(outcomes) == [f"caption {t}" for t in range(10)]
-    assert model.sizes() == [4, 4, 2]
-    for call in model.calls:
-        longest = max(e.prompt_tokens for e in call) + max(e.max_new_tokens for e in call)
-        assert longest * len(call) <= 512
-
-
 def test_out_of_memory_splits_in_halves_and_later_batches_stay_at_the_size_that_fit() -> None:
-    model = FakeModel(oom_above=3)
+    model = FakeEngine(oom_above=3)
     with running(model, wait_s=5.0, max_batch=8) as batcher:
         first = settle(batcher, submit_all(batcher, [item(t) for t in range(8)]))
         assert captions(first) == [f"caption {t}" for t in range(8)]
@@ -285,7 +147,7 @@ def test_out_of_memory_splits_in_halves_and_later_batches_stay_at_the_size_that_
 
 
 def test_a_row_too_big_even_alone_fails_alone_without_disabling_batching() -> None:
-    model = FakeModel(oom_tags=[2])
+    model = FakeEngine(oom_tags=[2])
     with running(model, wait_s=5.0, max_batch=4) as batcher:
         outcomes = settle(batcher, submit_all(batcher, [item(t) for t in range(4)]))
         assert isinstance(outcomes[2], CaptionFailed)
@@ -302,7 +164,7 @@ def test_a_row_too_big_even_alone_fails_alone_without_disabling_batching() -> No
 
 
 def test_one_poisoned_row_fails_only_its_own_task() -> None:
-    model = FakeModel(poison_tags=[2])
+    model = FakeEngine(poison_tags=[2])
     with running(model, wait_s=5.0, max_batch=8) as batcher:
         outcomes = settle(batcher, submit_all(batcher, [item(t) for t in range(5)]))
 
@@ -316,7 +178,7 @@ def test_one_poisoned_row_fails_only_its_own_task() -> None:
 
 def test_deadline_passed_while_queued_fails_with_caption_timeout_unrun() -> None:
     gate = threading.Event()
-    model = FakeModel(gate=gate)
+    model = FakeEngine(gate=gate)
     with running(model, wait_s=0.0) as batcher:
         now = time.monotonic()
         busy = batcher.submit(item(1), now + LATER)
@@ -334,7 +196,7 @@ def test_deadline_passed_while_queued_fails_with_caption_timeout_unrun() -> None
 
 
 def test_task_already_past_its_deadline_fails_at_once() -> None:
-    model = FakeModel()
+    model = FakeEngine()
     with running(model, wait_s=1.0) as batcher:
         future = batcher.submit(item(1), time.monotonic() - 1)
         outcome = settle(batcher, [future], timeout=0.5)[0]
@@ -344,7 +206,7 @@ def test_task_already_past_its_deadline_fails_at_once() -> None:
 
 
 def test_rows_get_their_own_deadlines_and_a_row_timed_out_in_the_model_fails() -> None:
-    model = FakeModel(timeout_tags=[1])
+    model = FakeEngine(timeout_tags=[1])
     with running(model, wait_s=5.0) as batcher:
         base = time.monotonic() + LATER
         with batcher.expect():
@@ -358,7 +220,7 @@ def test_rows_get_their_own_deadlines_and_a_row_timed_out_in_the_model_fails() -
 
 def test_cancelled_task_is_not_captioned() -> None:
     gate = threading.Event()
-    model = FakeModel(gate=gate)
+    model = FakeEngine(gate=gate)
     with running(model, wait_s=0.0) as batcher:
         busy = batcher.submit(item(1), time.monotonic() + LATER)
         while not model.calls:
@@ -375,7 +237,7 @@ def test_cancelled_task_is_not_captioned() -> None:
 
 def test_stop_finishes_queued_work_then_refuses_new_tasks() -> None:
     gate = threading.Event()
-    model = FakeModel(gate=gate)
+    model = FakeEngine(gate=gate)
     batcher = Batcher(model, BatchLimits(max_batch=2, wait_s=0.0))
     batcher.start()
     futures = [batcher.submit(item(0), time.monotonic() + LATER)]
@@ -396,9 +258,10 @@ def test_stop_finishes_queued_work_then_refuses_new_tasks() -> None:
 
 
 def test_busy_since_marks_the_generate_call_in_progress() -> None:
-    # The hang watchdog (worker.lifecycle) exits the process when busy_since is too old.
-    model = FakeModel()
+    # The hang watchdog (worker.runtime.watchdog) exits the process when busy_since is too old.
+    model = FakeEngine()
     with running(model) as batcher:
+        model.runner = batcher
         before = time.monotonic()
         future = batcher.submit(item(1), before + LATER)
         settle(batcher, [future])
@@ -449,7 +312,7 @@ class _Guard:
 
 
 def test_a_task_that_crashed_a_worker_before_runs_alone_and_is_accounted() -> None:
-    model = FakeModel()
+    model = FakeEngine()
     guards = [_Guard(suspect=tag == 2) for tag in range(5)]
     with running(model, max_batch=8, wait_s=0.5) as batcher:
         with batcher.expect():

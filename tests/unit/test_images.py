@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.images import encode
 from worker.errors import ImageTooLarge, InvalidImage
 from worker.images import ALLOWED_FORMATS, MAX_ASPECT_RATIO, decode_image, fit_pixel_budget
 
 CAP = 10_000_000
 WHITE = (255, 255, 255)
-
-
-def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def decode(data: bytes) -> Image.Image:

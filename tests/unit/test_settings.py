@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from worker.errors import ConfigError
-from worker.settings import Settings, load_settings
+from worker.settings import DEADLINE_GRACE_S, Settings, load_settings
+
+DEADLINE_S = 6.0
+MARGIN_S = 2.0
+NEEDED_VISIBILITY_S = DEADLINE_S + DEADLINE_GRACE_S + MARGIN_S  # 13: refused, as is anything less
 
 
 def test_defaults_point_at_local_redis_and_the_catalogue_default(
@@ -70,3 +76,37 @@ def test_visibility_timeout_must_exceed_deadline_grace_and_margin() -> None:
 def test_visibility_timeout_is_not_checked_for_other_brokers() -> None:
     amqp = Settings(broker_url="amqp://guest@localhost//", visibility_timeout_s=10)
     amqp.check_visibility_timeout()
+
+
+def _settings(**values: Any) -> Settings:
+    return Settings(**{"task_deadline_s": DEADLINE_S, "visibility_margin_s": MARGIN_S, **values})
+
+
+@pytest.mark.parametrize("below", [0, 1, 5])
+@pytest.mark.parametrize("broker", ["redis://127.0.0.1:1/0", "rediss://cache:6380/0", "unix:///r"])
+def test_visibility_timeout_not_above_deadline_grace_and_margin_is_refused(
+    broker: str, below: int
+) -> None:
+    visibility = int(NEEDED_VISIBILITY_S) - below
+    settings = _settings(broker_url=broker, visibility_timeout_s=visibility)
+    with pytest.raises(ConfigError) as caught:
+        settings.check_visibility_timeout()
+    message = str(caught.value)
+    assert message.startswith(f"CAPTION_VISIBILITY_TIMEOUT_S={visibility} must exceed")
+    assert "CAPTION_TASK_DEADLINE_S" in message and "CAPTION_VISIBILITY_MARGIN_S" in message
+    assert f"= {NEEDED_VISIBILITY_S:g}:" in message
+    assert "second worker" in message  # says why
+
+
+def test_visibility_timeout_above_deadline_grace_and_margin_is_accepted() -> None:
+    _settings(
+        broker_url="redis://127.0.0.1:1/0", visibility_timeout_s=int(NEEDED_VISIBILITY_S) + 1
+    ).check_visibility_timeout()
+    # The production defaults (600 s deadline, 60 s margin, one hour), whatever the environment.
+    names = ("task_deadline_s", "visibility_margin_s", "visibility_timeout_s")
+    defaults = {name: Settings.model_fields[name].default for name in names}
+    Settings(broker_url="redis://127.0.0.1:1/0", **defaults).check_visibility_timeout()
+
+
+def test_visibility_timeout_is_not_checked_for_brokers_without_one() -> None:
+    _settings(broker_url="amqp://guest@rabbit//", visibility_timeout_s=5).check_visibility_timeout()

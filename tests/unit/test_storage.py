@@ -21,14 +21,14 @@ from worker.errors import (
     StorageUnavailable,
 )
 from worker.settings import Settings
-from worker.storage import ObjectStore, S3Location
+from worker.storage.s3 import ObjectStore, S3Location
 
 CAP = 1000
 LOC = S3Location("images", "cats/tabby.png")
 PARAMS = {"Bucket": "images", "Key": "cats/tabby.png"}
 
 
-# --- S3Location -----------------------------------------------------------------------------
+# --- S3Location --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_parse_rejects_non_strings(value: Any) -> None:
         S3Location.parse(value)
 
 
-# --- ObjectStore with a stubbed client ------------------------------------------------------
+# --- ObjectStore with a stubbed client ---------------------------------------------------------
 
 
 def _client() -> Any:
@@ -240,3 +240,15 @@ def test_failure_while_reading_the_body_is_unavailable(
     assert type(failure).__name__ in str(info.value)
     assert info.value.__cause__ is failure
     assert body.closed
+
+
+# --- URIs that are not S3 ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://example.com/cat.png", "https://example.com/cat.png", "file:///etc/passwd"]
+)
+def test_non_s3_uri_is_invalid(uri: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        S3Location.parse(uri)
+    assert "s3://" in str(caught.value)

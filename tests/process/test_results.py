@@ -19,106 +19,77 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery.result import AsyncResult
 
-from tests.conftest import png_bytes, producer, worker_env
-from tests.support.processes import pythonpath, wait_until
-from tests.support.redis_server import RedisServer
+from tests.support.images import png_bytes
+from tests.support.stack import WorkerStack
+from tests.support.waits import TASK_TIMEOUT_S, wait_for_value, wait_until
 from worker.client import CaptionClient, TaskStatus
-from worker.devstack import LoopbackS3, WorkerProcess
+from worker.devtools.loopback import LoopbackS3
+from worker.devtools.processes import WorkerProcess
+from worker.queue.keys import QUEUED_KEY, RESULT_META_KEY
 from worker.settings import Settings
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
-READY_TIMEOUT_S = 180.0  # model load on a busy 2-core machine
-TASK_TIMEOUT_S = 60.0
 RESULT_EXPIRES_S = 60  # the smallest the settings allow
-META_KEY = "celery-task-meta-{task_id}"
 
 
 @dataclass
-class Stack:
-    """A private Redis, one worker, a producer and a CaptionClient on one queue."""
+class Results:
+    """The module's stack and worker, and what a CaptionClient saw before the worker existed."""
 
-    redis: RedisServer
-    queue: str
-    bucket: str
-    image: str
-    app: Any
+    stack: WorkerStack
     client: CaptionClient
     worker: WorkerProcess
-    # Observed before any worker existed:
+    image: str
     queued_id: str
     queued_seen: list[str]  # CaptionClient.status(queued_id).state, twice, a second apart
     waiting_before: int  # messages in the queue's Redis lists at that time
     unknown_id: str
     unknown_seen: str  # CaptionClient.status(unknown_id).state
 
-    def backend(self) -> redis.Redis:
-        return self.redis.client(1)  # worker_env puts results in database 1
-
-    def send(self, task_id: str | None = None, **kwargs: Any) -> AsyncResult:
-        kwargs.setdefault("image", self.image)
-        kwargs.setdefault("max_new_tokens", 4)
-        return self.app.send_task("caption", kwargs=kwargs, queue=self.queue, task_id=task_id)
-
-
-def _waiting(server: RedisServer, queue: str) -> int:
-    client = server.client(0)
-    keys = [k for k in client.scan_iter(match=f"{queue}*") if client.type(k) == b"list"]
-    return sum(int(client.llen(k)) for k in keys)
-
 
 @pytest.fixture(scope="module")
-def stack(
+def results(
     tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("results")
-    tag = uuid.uuid4().hex[:8]
-    queue, bucket = f"results-{tag}", f"results-{tag}"
-    s3 = s3_server.client()
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="cat.png", Body=png_bytes())
-    image = f"s3://{bucket}/cat.png"
-    with RedisServer(base / "redis", appendonly=False) as server:
-        env = worker_env(
-            model_dir=tiny_model_dir,
-            s3=s3_server,
-            redis_base=server.url,
-            queue=queue,
-            PYTHONPATH=pythonpath(),
-            CAPTION_RESULT_EXPIRES_S=str(RESULT_EXPIRES_S),
-        )
+) -> Iterator[Results]:
+    workdir = tmp_path_factory.mktemp("results")
+    with WorkerStack(
+        tiny_model_dir,
+        s3_server,
+        workdir,
+        name="results",
+        task_defaults={"max_new_tokens": 4},
+        CAPTION_RESULT_EXPIRES_S=str(RESULT_EXPIRES_S),
+    ) as stack:
+        image = stack.upload("cat.png")
+        stack.task_defaults["image"] = image
+        env = stack.env()
         client = CaptionClient(
             Settings(
                 broker_url=env["CAPTION_BROKER_URL"],
                 result_backend=env["CAPTION_RESULT_BACKEND"],
-                queue=queue,
+                queue=stack.queue,
                 result_expires_s=RESULT_EXPIRES_S,
             )
         )
-        app = producer(env)
-        worker = WorkerProcess(env, base / "worker.log")
         try:
             # No worker consumes the queue yet.
             queued_id = client.submit(image, max_new_tokens=4)
             seen = [client.status(queued_id).state]
             time.sleep(1.0)
             seen.append(client.status(queued_id).state)
-            waiting = _waiting(server, queue)
+            waiting = stack.waiting()
             unknown_id = str(uuid.uuid4())
             unknown_seen = client.status(unknown_id).state
 
-            worker.start().wait_ready(READY_TIMEOUT_S)
-            yield Stack(
-                redis=server,
-                queue=queue,
-                bucket=bucket,
-                image=image,
-                app=app,
+            worker = stack.start_worker("results")
+            yield Results(
+                stack=stack,
                 client=client,
                 worker=worker,
+                image=image,
                 queued_id=queued_id,
                 queued_seen=seen,
                 waiting_before=waiting,
@@ -126,44 +97,41 @@ def stack(
                 unknown_seen=unknown_seen,
             )
         finally:
-            worker.stop(timeout_s=30)
-            app.close()
             client.close()
 
 
 def _status_when_done(client: CaptionClient, task_id: str, timeout_s: float) -> TaskStatus:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = client.status(task_id)
-        if status.state in ("SUCCESS", "FAILURE"):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"task {task_id} still {status.state} after {timeout_s:g}s")
-        time.sleep(0.2)
+    return wait_for_value(
+        lambda: client.status(task_id),
+        lambda status: status.state in ("SUCCESS", "FAILURE"),
+        timeout_s,
+        f"task {task_id} finishes",
+    )
 
 
-def test_status_tells_a_queued_task_from_an_unknown_id(stack: Stack) -> None:
+def test_status_tells_a_queued_task_from_an_unknown_id(results: Results) -> None:
     # Before any worker existed: the task waited in the queue and was reported QUEUED,
     # while an id nobody ever sent was UNKNOWN.
-    assert stack.waiting_before == 1
-    assert stack.queued_seen == ["QUEUED", "QUEUED"]
-    assert stack.unknown_seen == "UNKNOWN"
+    assert results.waiting_before == 1
+    assert results.queued_seen == ["QUEUED", "QUEUED"]
+    assert results.unknown_seen == "UNKNOWN"
 
-    done = _status_when_done(stack.client, stack.queued_id, TASK_TIMEOUT_S)
+    done = _status_when_done(results.client, results.queued_id, TASK_TIMEOUT_S)
 
     assert done.state == "SUCCESS", done
     assert done.result is not None
-    assert done.result["image"] == stack.image and done.result["text"]
+    assert done.result["image"] == results.image and done.result["text"]
     assert done.error_type is None
     # A running worker does not make a never-sent id look queued.
-    assert stack.client.status(stack.unknown_id).state == "UNKNOWN"
-    assert stack.client.status(str(uuid.uuid4())).state == "UNKNOWN"
+    assert results.client.status(results.unknown_id).state == "UNKNOWN"
+    assert results.client.status(str(uuid.uuid4())).state == "UNKNOWN"
 
 
-def test_results_expire_after_the_configured_ttl(stack: Stack) -> None:
-    ok = AsyncResult(stack.client.submit(stack.image, max_new_tokens=4), app=stack.app)
+def test_results_expire_after_the_configured_ttl(results: Results) -> None:
+    stack = results.stack
+    ok = AsyncResult(results.client.submit(results.image, max_new_tokens=4), app=stack.producer)
     # The producer's QUEUED marker does not outlive a result either.
-    queued_ttl = stack.backend().ttl(f"caption:queued:{ok.id}")
+    queued_ttl = stack.backend().ttl(QUEUED_KEY.format(task_id=ok.id))
     missing = stack.send(image=f"s3://{stack.bucket}/no/such/key.png")
     assert ok.get(timeout=TASK_TIMEOUT_S)["text"]
     with pytest.raises(Exception) as failed:
@@ -172,7 +140,7 @@ def test_results_expire_after_the_configured_ttl(stack: Stack) -> None:
 
     backend = stack.backend()
     for result, status in ((ok, "SUCCESS"), (missing, "FAILURE")):
-        key = META_KEY.format(task_id=result.id)
+        key = RESULT_META_KEY.format(task_id=result.id)
         assert json.loads(backend.get(key) or b"{}")["status"] == status
         ttl = backend.ttl(key)  # -1: no expiry, -2: no key
         assert 0 < ttl <= RESULT_EXPIRES_S, (status, ttl)
@@ -193,13 +161,14 @@ def _runs(log: str, task_id: str) -> list[str]:
 
 
 def test_duplicate_delivery_returns_the_stored_result_unchanged(
-    stack: Stack, s3_client: Any
+    results: Results, s3_client: Any
 ) -> None:
+    stack = results.stack
     s3_client.put_object(Bucket=stack.bucket, Key="dup.png", Body=png_bytes(color=(10, 160, 60)))
     kwargs = {"image": f"s3://{stack.bucket}/dup.png", "max_new_tokens": 6}
     first = stack.send(**kwargs)
     first_value = first.get(timeout=TASK_TIMEOUT_S)
-    key = META_KEY.format(task_id=first.id)
+    key = RESULT_META_KEY.format(task_id=first.id)
     stored_before = stack.backend().get(key)
     assert stored_before is not None
     # Recomputing is now impossible: the image is gone, so a fresh run would fail.
@@ -208,12 +177,12 @@ def test_duplicate_delivery_returns_the_stored_result_unchanged(
     again = stack.send(task_id=first.id, **kwargs)  # the same message delivered once more
     assert again.id == first.id
     wait_until(
-        lambda: len(_runs(stack.worker.log(), first.id)) >= 2,
+        lambda: len(_runs(results.worker.log(), first.id)) >= 2,
         TASK_TIMEOUT_S,
         "the worker finishes the duplicate delivery",
     )
 
-    log = stack.worker.log()
+    log = results.worker.log()
     runs = _runs(log, first.id)
     assert len(runs) == 2, runs
     assert not runs[1].startswith("raised"), runs[1]  # it did not try to caption again
@@ -230,5 +199,5 @@ def test_duplicate_delivery_returns_the_stored_result_unchanged(
     assert returned == first_value
     for name in ("worker", "seconds", "model_loaded_at", "text"):
         assert returned[name] == first_value[name], name
-    assert AsyncResult(first.id, app=stack.app).get(timeout=TASK_TIMEOUT_S) == first_value
-    assert _waiting(stack.redis, stack.queue) == 0
+    assert AsyncResult(first.id, app=stack.producer).get(timeout=TASK_TIMEOUT_S) == first_value
+    assert stack.waiting() == 0

@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from celery import Celery
 from celery.result import AsyncResult
 
-from tests.conftest import png_bytes, producer, worker_env
-from tests.support.processes import pythonpath
-from tests.support.redis_server import RedisServer
-from worker.devstack import LoopbackS3, WorkerProcess
-from worker.tasks import DELIVERY_KEY
+from tests.support.images import png_bytes
+from tests.support.stack import WorkerStack, producer
+from worker.devtools.loopback import LoopbackS3
+from worker.devtools.processes import WorkerProcess
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
+pytestmark = pytest.mark.timeout(280)
 
 
 TASK_DEADLINE_S = 8
@@ -45,99 +41,32 @@ FAST_TIMEOUTS = {
 SLOW_PROMPT = "[slow] Describe this image."
 PLAIN_PROMPT = "Describe this image."
 NEW_TOKENS = 10
-# The broker's ack-emulation keys (kombu's Redis transport defaults).
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
-
-
-@dataclass
-class Stack:
-    """A private Redis, a queue, a bucket of images, a producer, and the workers started."""
-
-    redis: RedisServer
-    s3: LoopbackS3
-    env: dict[str, str]
-    app: Celery
-    bucket: str
-    queue: str
-    logs: Path
-    workers: list[WorkerProcess] = field(default_factory=list)
-    sent: list[AsyncResult] = field(default_factory=list)
-
-    def worker(self, name: str, **extra: str) -> WorkerProcess:
-        """Start a worker process called ``name`` on the queue and wait until it is ready."""
-        proc = WorkerProcess({**self.env, **extra}, self.logs / f"{name}.log", node=f"{name}@%h")
-        self.workers.append(proc)
-        return proc.start().wait_ready(timeout_s=180)
-
-    def upload(self, count: int) -> list[str]:
-        """``count`` different small PNGs; their s3:// URIs."""
-        client = self.s3.client()
-        uris = []
-        for i in range(count):
-            color = (40 + 37 * i % 200, 200 - 23 * i % 180, 60 + 51 * i % 190)
-            key = f"faults/{i}.png"
-            client.put_object(Bucket=self.bucket, Key=key, Body=png_bytes(color=color))
-            uris.append(f"s3://{self.bucket}/{key}")
-        return uris
-
-    def send(self, image: str, prompt: str) -> AsyncResult:
-        task = self.app.send_task(
-            "caption",
-            kwargs={"image": image, "prompt": prompt, "max_new_tokens": NEW_TOKENS},
-            queue=self.queue,
-        )
-        self.sent.append(task)
-        return task
-
-    def deliveries(self, task: AsyncResult) -> int:
-        """How many times a worker began captioning this task (the worker's own counter)."""
-        key = DELIVERY_KEY.format(task_id=task.id, retry=0)
-        value = self.redis.client(db=1).get(key)
-        return int(value) if value is not None else 0
-
-    def delivery_times(self) -> list[float]:
-        """When each unacknowledged message was handed to a worker (kombu's index)."""
-        index = self.redis.client(db=0).zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
-        return [float(score) for _, score in cast(list[tuple[bytes, float]], index)]
-
-    def broker_leftovers(self) -> dict[str, int]:
-        """Messages still in the broker: queued, or delivered and never acknowledged."""
-        broker = self.redis.client(db=0)
-        return {
-            "queued": int(broker.llen(self.queue)),
-            "unacked": int(broker.hlen(UNACKED_KEY)),
-            "unacked_index": int(broker.zcard(UNACKED_INDEX_KEY)),
-        }
+NOTHING_LEFT = {"queued": 0, "unacked": 0, "unacked_index": 0}
 
 
 @pytest.fixture()
-def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterator[Stack]:
-    queue = f"faults-{uuid.uuid4().hex[:8]}"
-    bucket = f"faults-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    with RedisServer(tmp_path / "redis") as server:
-        env = worker_env(
-            model_dir=tiny_model_dir,
-            s3=s3_server,
-            redis_base=server.url,
-            queue=queue,
-            CAPTION_ENGINE_FACTORY="tests.support.faulty_engine:load_faulty_engine",
-            PYTHONPATH=pythonpath(),
-            **FAST_TIMEOUTS,
-        )
-        app = producer(env)
-        result = Stack(server, s3_server, env, app, bucket, queue, tmp_path)
-        try:
-            yield result
-        finally:
-            for proc in result.workers:
-                proc.stop(timeout_s=30)
-            # send_task subscribed to each result's channel; unsubscribe while Redis still
-            # runs, or AsyncResult.__del__ tries it later against a stopped server.
-            for task in result.sent:
-                app.backend.remove_pending_result(task)
-            app.close()
+def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterator[WorkerStack]:
+    """A private Redis with AOF (one test restarts it), the faulty engine, short timeouts."""
+    with WorkerStack(
+        tiny_model_dir,
+        s3_server,
+        tmp_path,
+        name="faults",
+        appendonly=True,
+        faulty=True,
+        task_defaults={"max_new_tokens": NEW_TOKENS},
+        **FAST_TIMEOUTS,
+    ) as stack:
+        yield stack
+
+
+def upload(stack: WorkerStack, count: int) -> list[str]:
+    """``count`` different small PNGs; their s3:// URIs."""
+    uris = []
+    for i in range(count):
+        color = (40 + 37 * i % 200, 200 - 23 * i % 180, 60 + 51 * i % 190)
+        uris.append(stack.upload(f"faults/{i}.png", png_bytes(color=color)))
+    return uris
 
 
 def state(task: AsyncResult) -> str:
@@ -209,14 +138,14 @@ def log_count(proc: WorkerProcess, needle: str) -> int:
     return proc.log().count(needle)
 
 
-# --- 1. SIGKILL mid-batch ---------------------------------------------------------------------
+# --- 1. SIGKILL mid-batch ----------------------------------------------------------------------
 
 
-def test_sigkill_mid_batch_every_task_redelivered_and_captioned_once(stack: Stack) -> None:
-    images = stack.upload(6)
+def test_sigkill_mid_batch_every_task_redelivered_and_captioned_once(stack: WorkerStack) -> None:
+    images = upload(stack, 6)
     # The first worker is slow (0.5 s a decode step, ~5 s a batch): it is killed in generate.
-    first = stack.worker("first", FAULT_STEP_DELAY_S="0.5", CAPTION_BATCH_WAIT_MS="500")
-    tasks = [stack.send(uri, SLOW_PROMPT) for uri in images]
+    first = stack.start_worker("first", FAULT_STEP_DELAY_S="0.5", CAPTION_BATCH_WAIT_MS="500")
+    tasks = [stack.send(image=uri, prompt=SLOW_PROMPT) for uri in images]
 
     wait_for(tasks, lambda s: s == ["STARTED"] * 6, 60, "all 6 tasks STARTED", first)
     time.sleep(1.0)  # the batch forms within 0.5 s of the first task; now it is in generate
@@ -228,10 +157,10 @@ def test_sigkill_mid_batch_every_task_redelivered_and_captioned_once(stack: Stac
     assert first.wait(timeout_s=10) == -signal.SIGKILL
     assert at_kill == ["STARTED"] * 6, at_kill
     assert log_count(first, "succeeded in") == 0, "a task finished before the kill"
-    assert stack.broker_leftovers()["unacked"] == 6  # the dead worker's, held by Redis
+    assert stack.leftovers()["unacked"] == 6  # the dead worker's, held by Redis
 
     # The second worker is fast; it gets the tasks once their visibility timeout passes.
-    second = stack.worker("second", FAULT_STEP_DELAY_S="0.02")
+    second = stack.start_worker("second", FAULT_STEP_DELAY_S="0.02")
     ready_s = time.time() - killed_at
     budget = VISIBILITY_TIMEOUT_S + 20
     wait_for(tasks, lambda _: log_count(second, "received") > 0, budget, "a redelivery", second)
@@ -254,26 +183,28 @@ def test_sigkill_mid_batch_every_task_redelivered_and_captioned_once(stack: Stac
         assert captioned_by(result, second), result["worker"]
         assert result["finish_reason"] in ("stop", "length")
         # Delivered to the first worker (which died in generate), then to the second.
-        assert stack.deliveries(task) == 2
+        assert stack.deliveries(task.id) == 2
     assert log_count(second, "succeeded in") == 6
     # Nothing left to hand out again later.
-    assert stack.broker_leftovers() == {"queued": 0, "unacked": 0, "unacked_index": 0}
+    assert stack.leftovers() == NOTHING_LEFT
 
     # The one caption each task got is the model's deterministic caption of that request.
-    again = [stack.send(uri, SLOW_PROMPT) for uri in images]
+    again = [stack.send(image=uri, prompt=SLOW_PROMPT) for uri in images]
     wait_for(again, all_success, 60, "SUCCESS for the re-captions", second)
     assert [r["text"] for r in results] == [result_of(t)["text"] for t in again]
 
 
-# --- 2. SIGTERM during a batch ----------------------------------------------------------------
+# --- 2. SIGTERM during a batch -----------------------------------------------------------------
 
 
-def test_sigterm_finishes_running_batch_and_hands_back_the_rest(stack: Stack) -> None:
-    images = stack.upload(10)
+def test_sigterm_finishes_running_batch_and_hands_back_the_rest(stack: WorkerStack) -> None:
+    images = upload(stack, 10)
     # Four task threads and batches of four: four tasks run, six wait in the queue.
     limits = {"CAPTION_CONCURRENCY": "4", "CAPTION_MAX_BATCH": "4"}
-    first = stack.worker("first", FAULT_STEP_DELAY_S="0.25", CAPTION_BATCH_WAIT_MS="500", **limits)
-    tasks = [stack.send(uri, SLOW_PROMPT) for uri in images]
+    first = stack.start_worker(
+        "first", FAULT_STEP_DELAY_S="0.25", CAPTION_BATCH_WAIT_MS="500", **limits
+    )
+    tasks = [stack.send(image=uri, prompt=SLOW_PROMPT) for uri in images]
 
     wait_for(tasks, lambda s: s.count("STARTED") == 4, 60, "four tasks STARTED", first)
     time.sleep(1.0)  # the batch is in generate (~2.5 s of decode steps)
@@ -296,11 +227,11 @@ def test_sigterm_finishes_running_batch_and_hands_back_the_rest(stack: Stack) ->
         assert captioned_by(result_of(task), first)
     finished_by_first = {t.id for t, s in zip(tasks, after_exit, strict=True) if s == "SUCCESS"}
     # Everything else is back in the queue, not held as unacknowledged by a dead consumer.
-    leftovers = stack.broker_leftovers()
+    leftovers = stack.leftovers()
     assert leftovers["unacked"] == 0, leftovers
     assert leftovers["queued"] == len(tasks) - len(finished_by_first), leftovers
 
-    second = stack.worker("second", FAULT_STEP_DELAY_S="0.02", **limits)
+    second = stack.start_worker("second", FAULT_STEP_DELAY_S="0.02", **limits)
     wait_for(tasks, all_success, 60, "SUCCESS for all 10", second)
     # Measured (2 busy cores): exit code 0 ~3 s after SIGTERM (the rest of the batch).
     print(
@@ -311,16 +242,16 @@ def test_sigterm_finishes_running_batch_and_hands_back_the_rest(stack: Stack) ->
     for task in tasks:
         owner = first if task.id in finished_by_first else second
         assert captioned_by(result_of(task), owner), task.id
-        assert stack.deliveries(task) == 1  # no task was captioned twice
-    assert stack.broker_leftovers() == {"queued": 0, "unacked": 0, "unacked_index": 0}
+        assert stack.deliveries(task.id) == 1  # no task was captioned twice
+    assert stack.leftovers() == NOTHING_LEFT
 
 
-# --- 3. Redis restart (AOF) mid-run -----------------------------------------------------------
+# --- 3. Redis restart (AOF) mid-run ------------------------------------------------------------
 
 
-def test_redis_restart_mid_run_loses_nothing_and_worker_stays_up(stack: Stack) -> None:
-    images = stack.upload(10)
-    only = stack.worker(
+def test_redis_restart_mid_run_loses_nothing_and_worker_stays_up(stack: WorkerStack) -> None:
+    images = upload(stack, 10)
+    only = stack.start_worker(
         "only",
         FAULT_STEP_DELAY_S="0.2",
         CAPTION_CONCURRENCY="4",
@@ -329,7 +260,9 @@ def test_redis_restart_mid_run_loses_nothing_and_worker_stays_up(stack: Stack) -
     )
     # Slow and plain prompts differ in length and share batches, as real traffic does.
     prompts = [SLOW_PROMPT if i % 2 == 0 else PLAIN_PROMPT for i in range(len(images))]
-    tasks = [stack.send(uri, prompt) for uri, prompt in zip(images, prompts, strict=True)]
+    tasks = [
+        stack.send(image=uri, prompt=prompt) for uri, prompt in zip(images, prompts, strict=True)
+    ]
 
     # Mid-run: some tasks done, some running, the rest still queued in Redis.
     wait_for(
@@ -355,14 +288,14 @@ def test_redis_restart_mid_run_loses_nothing_and_worker_stays_up(stack: Stack) -
     )
     assert only.proc.poll() is None, "the worker exited after the Redis restart"
     # Results survive the restart (AOF) and read back through a fresh producer as well.
-    reader = producer(stack.env)
+    reader = producer(stack.env())
     try:
         for task in tasks:
             result = result_of(AsyncResult(task.id, app=reader))
             assert captioned_by(result, only)
             if task.id in finished_before:
                 assert result == finished_before[task.id]
-            assert stack.deliveries(task) == 1, task.id  # no task was captioned twice
+            assert stack.deliveries(task.id) == 1, task.id  # no task was captioned twice
     finally:
         reader.close()
-    assert stack.broker_leftovers() == {"queued": 0, "unacked": 0, "unacked_index": 0}
+    assert stack.leftovers() == NOTHING_LEFT

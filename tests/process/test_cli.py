@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import png_bytes
+from tests.support.images import png_bytes
 
 CLI = str(Path(sys.executable).with_name("caption-worker"))
 

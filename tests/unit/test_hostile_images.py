@@ -14,24 +14,18 @@ import time
 import tracemalloc
 import warnings
 import zlib
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.images import encode
 from worker.errors import ImageTooLarge, InvalidImage
 from worker.images import MAX_ASPECT_RATIO, decode_image, fit_pixel_budget
 
 CAP = 100_000_000  # the production default for CAPTION_MAX_DECODED_PIXELS
 BUDGET = 1_048_576  # the production default for CAPTION_MAX_PIXELS
 WHITE = (255, 255, 255)
-
-
-def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -61,7 +55,7 @@ def assert_rgb(image: Image.Image, size: tuple[int, int]) -> None:
     assert image.size == size
 
 
-# --- Decompression bombs and caps -------------------------------------------------------------
+# --- Decompression bombs and caps --------------------------------------------------------------
 
 
 def test_bomb_header_is_too_large_quickly_and_without_decoding() -> None:
@@ -108,7 +102,7 @@ def test_zero_sized_header_is_invalid() -> None:
         decode_image(png_claiming(0, 10), max_decoded_pixels=CAP)
 
 
-# --- Broken and foreign bytes -----------------------------------------------------------------
+# --- Broken and foreign bytes ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -190,7 +184,7 @@ def test_format_comes_from_content_not_from_any_name() -> None:
     assert_rgb(jpeg, source.size)
 
 
-# --- Odd but valid images ---------------------------------------------------------------------
+# --- Odd but valid images ----------------------------------------------------------------------
 
 
 def test_cmyk_jpeg_comes_out_rgb_with_the_right_colour() -> None:
@@ -260,7 +254,7 @@ def test_wide_banner_decodes_and_fits_at_aspect_limit() -> None:
     assert out.getpixel((width // 2, 0)) == WHITE
 
 
-# --- Fuzzing ----------------------------------------------------------------------------------
+# --- Fuzzing -----------------------------------------------------------------------------------
 
 FUZZ_CAP = 1_000_000
 FUZZ_BUDGET = 16_384

@@ -14,14 +14,14 @@ import traceback
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
-from worker.devstack import LoopbackS3
+from tests.support.fake_s3 import FakeS3Server, S3Handler, s3_error_xml
+from worker.devtools.loopback import LoopbackS3
 from worker.errors import (
     CaptionError,
     ImageAccessDenied,
@@ -30,9 +30,9 @@ from worker.errors import (
     StorageUnavailable,
 )
 from worker.settings import Settings
-from worker.storage import ObjectStore, S3Location
+from worker.storage.s3 import ObjectStore, S3Location
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
 CAP = 1 * MiB
@@ -45,23 +45,10 @@ FILLER = b"\xab" * (64 * 1024)
 STALL_S = 2.0
 
 
-def _error_xml(code: str, message: str) -> bytes:
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>'
-        f"<Error><Code>{code}</Code><Message>{message}</Message>"
-        "<RequestId>fault-req</RequestId></Error>"
-    ).encode()
+class FaultHandler(S3Handler):
+    """Answers GET /faults/<key> by the key's name: each key is one way a store misbehaves."""
 
-
-class FaultHandler(BaseHTTPRequestHandler):
-    """Answers GET /faults/<key> by the key's name; see FaultServer for the behaviours."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, and chunked encoding is allowed
-    timeout = 10  # a stuck client must not keep a handler thread forever
     server: FaultServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-        pass
 
     def do_GET(self) -> None:
         key = self.path.partition("?")[0].removeprefix(f"/{FAULT_BUCKET}/")
@@ -78,13 +65,13 @@ class FaultHandler(BaseHTTPRequestHandler):
         if key == "ok":
             self._send(200, SMALL_BODY)
         elif key == "denied":
-            self._send(403, _error_xml("AccessDenied", "Access Denied"))
+            self._send(403, s3_error_xml("AccessDenied", "Access Denied"))
         elif key == "slowdown":
-            self._send(503, _error_xml("SlowDown", "Please reduce your request rate."))
+            self._send(503, s3_error_xml("SlowDown", "Please reduce your request rate."))
         elif key == "flaky":  # two 503s, then the object
             if count <= 2:
                 # Not a throttling code, so boto3 backs off ~50 ms, not ~1 s, between tries.
-                self._send(503, _error_xml("ServiceUnavailable", "Please try again."))
+                self._send(503, s3_error_xml("ServiceUnavailable", "Please try again."))
             else:
                 self._send(200, SMALL_BODY)
         elif key == "drop":  # close with RST before any response byte
@@ -118,14 +105,11 @@ class FaultHandler(BaseHTTPRequestHandler):
             self._stream(20 * MiB, chunked=True)
             self.wfile.write(b"0\r\n\r\n")
         else:
-            self._send(404, _error_xml("NoSuchKey", "The specified key does not exist."))
+            self._send(404, s3_error_xml("NoSuchKey", "The specified key does not exist."))
 
     def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/xml" if status >= 300 else "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        kind = "application/xml" if status >= 300 else "image/png"
+        self.reply(status, body, [("Content-Type", kind)])
 
     def _stream(self, total: int, *, chunked: bool) -> None:
         sent = 0
@@ -140,23 +124,17 @@ class FaultHandler(BaseHTTPRequestHandler):
             self.server.bytes_sent[self.path] = sent
 
 
-class FaultServer(ThreadingHTTPServer):
+class FaultServer(FakeS3Server):
     """An S3 look-alike on 127.0.0.1 that misbehaves on purpose, per key."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), FaultHandler)
+        super().__init__(FaultHandler)
         self.lock = threading.Lock()
         self.requests: Counter[str] = Counter()
         self.bytes_sent: dict[str, int] = {}
         self.write_errors: dict[str, BaseException] = {}
         self.done: dict[str, threading.Event] = {}
         self.headers: dict[str, dict[str, str]] = {}
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
     def record(self, key: str, headers: dict[str, str]) -> int:
         with self.lock:
@@ -168,17 +146,8 @@ class FaultServer(ThreadingHTTPServer):
 
 @pytest.fixture()
 def fault_server() -> Iterator[FaultServer]:
-    server = FaultServer()
-    thread = threading.Thread(
-        target=server.serve_forever, args=(0.05,), name="fault-s3", daemon=True
-    )
-    thread.start()
-    try:
+    with FaultServer() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def _isolate_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str) -> None:
@@ -224,7 +193,7 @@ def _assert_no_secret(exc: BaseException) -> None:
     assert SECRET not in text
 
 
-# --- (a) moto's S3 server -------------------------------------------------------------------
+# --- (a) moto's S3 server ----------------------------------------------------------------------
 
 
 @pytest.fixture()
@@ -281,7 +250,7 @@ def test_bucket_off_the_allowlist_is_denied_without_a_request(
     assert len(sent) == 1
 
 
-# --- (b) the fault-injecting server ---------------------------------------------------------
+# --- (b) the fault-injecting server ------------------------------------------------------------
 
 
 def test_fault_server_serves_a_plain_object(

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.engine.catalogue import CATALOGUE, resolve_model, text_models
 from worker.errors import ConfigError
-from worker.registry import CATALOGUE, resolve_model, text_models
 
 DEFAULT_REPO = "Disty0/Qwen3-VL-32B-Instruct-SDNQ-uint4-svd-r32"
 
@@ -57,9 +57,12 @@ def test_unusable_specs_are_config_errors(spec: str) -> None:
         resolve_model(spec)
 
 
-def test_readme_documents_every_failure_name_producers_can_see() -> None:
+def test_docs_list_every_failure_name_producers_can_see() -> None:
     from worker.errors import PRODUCER_VISIBLE
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[2]
+    contract = (root / "docs" / "contract.md").read_text()
+    readme = (root / "README.md").read_text()
     for error in PRODUCER_VISIBLE:
-        assert f"| `{error.__name__}` |" in readme, error.__name__
+        assert f"| `{error.__name__}` |" in contract, error.__name__  # the failure table
+        assert f"`{error.__name__}`" in readme, error.__name__  # the README's short list

@@ -1,13 +1,14 @@
 """Worker guards: poison tasks, slow and hung captions, bad settings, unloadable models.
 
-The process-level tests run real ``celery worker`` processes with a private redis-server (never
-the shared one on 6379), a queue of their own, the loopback S3 server and the tiny SDNQ model.
+Each test runs real ``celery worker`` processes with a private redis-server (never the shared
+one on 6379), a queue of their own, the loopback S3 server and the tiny SDNQ model.
 Faults come from ``tests.support.faulty_engine`` through prompt markers. Timeouts are short so
 that Redis hands unacknowledged tasks out again within seconds:
 
 - task deadline 6 s, visibility margin 2 s, unacked restore every 1 s, at most 2 deliveries;
 - visibility timeout 14 s: just above deadline + the 5 s a task thread waits past its deadline
-  (``DEADLINE_GRACE_S``) + margin, the least ``Settings.check_visibility_timeout`` accepts.
+  (``DEADLINE_GRACE_S``) + margin, the least ``Settings.check_visibility_timeout`` accepts
+  (``tests/unit/test_settings.py`` checks that rule in-process).
 
 Where a test restarts workers it does what Kubernetes would: a small supervisor loop starts a
 new worker whenever the current one exits, a bounded number of times.
@@ -15,10 +16,8 @@ new worker whenever the current one exits, a bounded number of times.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +25,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import png_bytes, producer, worker_env
-from tests.support.processes import pythonpath
-from tests.support.redis_server import RedisServer
-from worker.devstack import LoopbackS3, WorkerProcess
-from worker.errors import ConfigError, ModelLoadError
-from worker.lifecycle import EXIT_HUNG
-from worker.settings import DEADLINE_GRACE_S, Settings
+from tests.support.stack import WorkerStack
+from tests.support.waits import READY_TIMEOUT_S, wait_for_value
+from worker.devtools.loopback import LoopbackS3
+from worker.devtools.processes import WorkerProcess
+from worker.runtime.lifecycle import EXIT_HUNG
+from worker.settings import DEADLINE_GRACE_S
 
-FAULTY_ENGINE = "tests.support.faulty_engine:load_faulty_engine"
-PRODUCTION_ENGINE = "worker.engine:load_engine"
-# worker.app.EXIT_START_FAILED; importing worker.app here would configure Celery in-process.
+PRODUCTION_ENGINE = "worker.engine.hf_generate:load_engine"
+# worker.queue.app.EXIT_START_FAILED; importing it here would configure Celery in-process.
 EXIT_START_FAILED = 3
 
 DEADLINE_S = 6.0
@@ -44,115 +41,31 @@ MARGIN_S = 2.0
 NEEDED_VISIBILITY_S = DEADLINE_S + DEADLINE_GRACE_S + MARGIN_S  # 13: refused, as is anything less
 VISIBILITY_S = int(NEEDED_VISIBILITY_S) + 1
 MAX_DELIVERIES = 2
-READY_TIMEOUT_S = 180.0  # model load on a busy 2-core machine
 TERMINAL = ("SUCCESS", "FAILURE")
 
 
-# --- Unit level --------------------------------------------------------------------------------
+@pytest.fixture()
+def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterator[WorkerStack]:
+    with WorkerStack(
+        tiny_model_dir,
+        s3_server,
+        tmp_path,
+        name="guards",
+        faulty=True,
+        task_defaults={"max_new_tokens": 8},
+        CAPTION_TASK_DEADLINE_S=f"{DEADLINE_S:g}",
+        CAPTION_VISIBILITY_MARGIN_S=f"{MARGIN_S:g}",
+        CAPTION_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
+        CAPTION_UNACKED_RESTORE_INTERVAL_S="1",
+        CAPTION_MAX_DELIVERIES=str(MAX_DELIVERIES),
+    ) as stack:
+        stack.task_defaults["image"] = stack.upload("plain.png")
+        yield stack
 
 
-def _settings(**values: Any) -> Settings:
-    return Settings(**{"task_deadline_s": DEADLINE_S, "visibility_margin_s": MARGIN_S, **values})
-
-
-@pytest.mark.parametrize("below", [0, 1, 5])
-@pytest.mark.parametrize("broker", ["redis://127.0.0.1:1/0", "rediss://cache:6380/0", "unix:///r"])
-def test_visibility_timeout_not_above_deadline_grace_and_margin_is_refused(
-    broker: str, below: int
-) -> None:
-    visibility = int(NEEDED_VISIBILITY_S) - below
-    settings = _settings(broker_url=broker, visibility_timeout_s=visibility)
-    with pytest.raises(ConfigError) as caught:
-        settings.check_visibility_timeout()
-    message = str(caught.value)
-    assert message.startswith(f"CAPTION_VISIBILITY_TIMEOUT_S={visibility} must exceed")
-    assert "CAPTION_TASK_DEADLINE_S" in message and "CAPTION_VISIBILITY_MARGIN_S" in message
-    assert f"= {NEEDED_VISIBILITY_S:g}:" in message
-    assert "second worker" in message  # says why
-
-
-def test_visibility_timeout_above_deadline_grace_and_margin_is_accepted() -> None:
-    _settings(
-        broker_url="redis://127.0.0.1:1/0", visibility_timeout_s=VISIBILITY_S
-    ).check_visibility_timeout()
-    # The production defaults (600 s deadline, 60 s margin, one hour), whatever the environment.
-    names = ("task_deadline_s", "visibility_margin_s", "visibility_timeout_s")
-    defaults = {name: Settings.model_fields[name].default for name in names}
-    Settings(broker_url="redis://127.0.0.1:1/0", **defaults).check_visibility_timeout()
-
-
-def test_visibility_timeout_is_not_checked_for_brokers_without_one() -> None:
-    _settings(broker_url="amqp://guest@rabbit//", visibility_timeout_s=5).check_visibility_timeout()
-
-
-def test_out_of_memory_while_loading_names_the_memory_mode(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from worker.engine import load_engine
-
-    calls: list[str] = []
-
-    def out_of_memory(source: str, **_: Any) -> Any:
-        calls.append(source)
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", out_of_memory)
-    settings = Settings(model="some-owner/some-big-vl-model", memory_mode="gpu")
-
-    with pytest.raises(ModelLoadError) as caught:
-        load_engine(settings)
-
-    message = str(caught.value)
-    assert calls == ["some-owner/some-big-vl-model"]
-    assert "out of memory loading some-owner/some-big-vl-model" in message
-    assert "memory_mode=gpu" in message
-    assert "CAPTION_MEMORY_MODE=balanced or lowvram" in message
-    assert "Tried to allocate 20.00 GiB" in message
-
-
-# --- Process level: helpers --------------------------------------------------------------------
-
-
-@dataclass
-class Stack:
-    """A private Redis, a queue, one uploaded image and a producer, for one test."""
-
-    env: dict[str, str]
-    redis: RedisServer
-    queue: str
-    image: str
-    logs: Path
-    app: Any
-    _workers: int = 0
-
-    def send(self, **kwargs: Any) -> str:
-        """Queue one caption task as a producer would; return its id."""
-        kwargs.setdefault("image", self.image)
-        kwargs.setdefault("max_new_tokens", 8)
-        return str(self.app.send_task("caption", kwargs=kwargs, queue=self.queue).id)
-
-    def meta(self, task_id: str) -> dict[str, Any]:
-        """The task's stored state, read from Redis now (no client-side cache)."""
-        meta: dict[str, Any] = self.app.backend.get_task_meta(task_id, cache=False)
-        return meta
-
-    def waiting(self) -> int:
-        """Messages still in the queue's Redis lists (not reserved by any worker)."""
-        client = self.redis.client(0)
-        keys = [k for k in client.scan_iter(match=f"{self.queue}*") if client.type(k) == b"list"]
-        return sum(int(client.llen(k)) for k in keys)
-
-    def unacked(self) -> list[str]:
-        """Ids of tasks reserved by some worker and not yet acknowledged."""
-        raw = self.redis.client(0).hvals("unacked")
-        return [json.loads(v)[0]["headers"]["id"] for v in raw]
-
-    def worker(self, **extra: str) -> WorkerProcess:
-        """A worker process (not started) on this stack's queue, with its own log file."""
-        self._workers += 1
-        return WorkerProcess({**self.env, **extra}, self.logs / f"worker-{self._workers}.log")
+def send(stack: WorkerStack, **kwargs: Any) -> str:
+    """Queue one caption task as a producer would; return its id."""
+    return str(stack.send(**kwargs).id)
 
 
 def error_of(meta: dict[str, Any]) -> tuple[str, str]:
@@ -162,19 +75,17 @@ def error_of(meta: dict[str, Any]) -> tuple[str, str]:
 
 
 def wait_terminal(
-    stack: Stack, task_id: str, timeout_s: float, tick: Callable[[], None] | None = None
+    stack: WorkerStack, task_id: str, timeout_s: float, tick: Callable[[], None] | None = None
 ) -> dict[str, Any]:
     """Poll until the task is SUCCESS or FAILURE; fail the test if it never gets there."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if tick is not None:
-            tick()
-        meta = stack.meta(task_id)
-        if meta["status"] in TERMINAL:
-            return meta
-        if time.monotonic() > deadline:
-            raise AssertionError(f"task {task_id} still {meta['status']} after {timeout_s:g}s")
-        time.sleep(0.1)
+    return wait_for_value(
+        lambda: stack.meta(task_id),
+        lambda meta: meta["status"] in TERMINAL,
+        timeout_s,
+        f"task {task_id} SUCCESS or FAILURE",
+        tick=tick,
+        interval_s=0.1,
+    )
 
 
 def interesting(log: str) -> str:
@@ -187,7 +98,7 @@ def interesting(log: str) -> str:
 class Supervisor:
     """Keeps one worker running, restarting it when it exits (bounded), like a Deployment."""
 
-    stack: Stack
+    stack: WorkerStack
     max_restarts: int
     extra: dict[str, str] = field(default_factory=dict)
     workers: list[WorkerProcess] = field(default_factory=list)
@@ -236,40 +147,9 @@ class Supervisor:
         return wait_terminal(self.stack, task_id, timeout_s, tick=self.tick)
 
 
-@pytest.fixture()
-def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterator[Stack]:
-    queue = f"guards-{uuid.uuid4().hex[:8]}"
-    bucket = f"guards-{uuid.uuid4().hex[:8]}"
-    client = s3_server.client()
-    client.create_bucket(Bucket=bucket)
-    client.put_object(Bucket=bucket, Key="plain.png", Body=png_bytes())
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    with RedisServer(tmp_path / "redis", appendonly=False) as redis_server:
-        env = worker_env(
-            model_dir=tiny_model_dir,
-            s3=s3_server,
-            redis_base=redis_server.url,
-            queue=queue,
-            PYTHONPATH=pythonpath(),
-            CAPTION_ENGINE_FACTORY=FAULTY_ENGINE,
-            CAPTION_TASK_DEADLINE_S=f"{DEADLINE_S:g}",
-            CAPTION_VISIBILITY_MARGIN_S=f"{MARGIN_S:g}",
-            CAPTION_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
-            CAPTION_UNACKED_RESTORE_INTERVAL_S="1",
-            CAPTION_MAX_DELIVERIES=str(MAX_DELIVERIES),
-        )
-        app = producer(env)
-        try:
-            yield Stack(env, redis_server, queue, f"s3://{bucket}/plain.png", logs, app)
-        finally:
-            app.close()
+# --- Start-up guards ---------------------------------------------------------------------------
 
 
-# --- Process level: start-up guards ------------------------------------------------------------
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "variable, value, complaint",
@@ -279,9 +159,9 @@ def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterat
     ],
 )
 def test_invalid_setting_stops_the_worker_at_start_naming_the_variable(
-    stack: Stack, variable: str, value: str, complaint: str
+    stack: WorkerStack, variable: str, value: str, complaint: str
 ) -> None:
-    task_id = stack.send()
+    task_id = send(stack)
     worker = stack.worker(**{variable: value}).start()
     started = time.monotonic()
     code = worker.wait(60)
@@ -298,10 +178,11 @@ def test_invalid_setting_stops_the_worker_at_start_naming_the_variable(
     assert stack.meta(task_id)["status"] == "PENDING"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_visibility_timeout_too_short_stops_the_worker_before_it_consumes(stack: Stack) -> None:
-    task_id = stack.send()
+def test_visibility_timeout_too_short_stops_the_worker_before_it_consumes(
+    stack: WorkerStack,
+) -> None:
+    task_id = send(stack)
     # Exactly deadline + grace + margin: a task that overruns could be handed out twice.
     visibility = int(NEEDED_VISIBILITY_S)
     worker = stack.worker(CAPTION_VISIBILITY_TIMEOUT_S=str(visibility)).start()
@@ -319,17 +200,16 @@ def test_visibility_timeout_too_short_stops_the_worker_before_it_consumes(stack:
     assert stack.meta(task_id)["status"] == "PENDING"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_corrupt_weights_stop_the_worker_and_leave_the_task_for_a_healthy_one(
-    stack: Stack, tiny_model_dir: Path, tmp_path: Path
+    stack: WorkerStack, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     corrupt = tmp_path / "corrupt-model"
     shutil.copytree(tiny_model_dir, corrupt)
     weights = corrupt / "model.safetensors"
     with weights.open("r+b") as handle:  # a garbled header, as from a bad disk or copy
         handle.write(b"\xff" * 64)
-    task_id = stack.send()
+    task_id = send(stack)
 
     broken = stack.worker(CAPTION_MODEL=str(corrupt), CAPTION_ENGINE_FACTORY=PRODUCTION_ENGINE)
     code = broken.start().wait(READY_TIMEOUT_S)
@@ -351,10 +231,9 @@ def test_corrupt_weights_stop_the_worker_and_leave_the_task_for_a_healthy_one(
     assert meta["result"]["worker"].endswith(f"/{healthy_pid}")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_uncached_model_with_auto_download_off_stops_the_worker(
-    stack: Stack, tmp_path: Path
+    stack: WorkerStack, tmp_path: Path
 ) -> None:
     hf_home = tmp_path / "empty-hf-home"
     hf_home.mkdir()
@@ -378,12 +257,13 @@ def test_uncached_model_with_auto_download_off_stops_the_worker(
     assert not [p for p in hf_home.rglob("*") if p.is_file()]  # nothing was downloaded
 
 
-# --- Process level: faults while serving -------------------------------------------------------
+# --- Faults while serving ----------------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(stack: Stack) -> None:
+def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
+    stack: WorkerStack,
+) -> None:
     """A task that SIGKILLs its worker every time it runs.
 
     Each crash leaves the message unacknowledged; Redis hands it out again after the
@@ -394,11 +274,11 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(stack:
     try:
         supervisor.start()
         started = time.monotonic()
-        poison = stack.send(prompt="[kill] Describe this image.")
-        neighbours = [stack.send(), stack.send()]
+        poison = send(stack, prompt="[kill] Describe this image.")
+        neighbours = [send(stack), send(stack)]
         poison_meta = supervisor.wait_terminal(poison, timeout_s=(MAX_DELIVERIES + 2) * 40)
         poison_s = time.monotonic() - started
-        after = stack.send()
+        after = send(stack)
         after_meta = supervisor.wait_terminal(after, timeout_s=60)
         neighbour_metas = [supervisor.wait_terminal(t, timeout_s=60) for t in neighbours]
         supervisor.tick()
@@ -424,17 +304,16 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(stack:
     assert outcomes == [("SUCCESS", None)] * 2, f"tasks sent with the poison: {outcomes}\n{history}"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_slow_caption_fails_with_caption_timeout_and_the_worker_goes_on(stack: Stack) -> None:
+def test_slow_caption_fails_with_caption_timeout_and_the_worker_goes_on(stack: WorkerStack) -> None:
     with stack.worker(FAULT_STEP_DELAY_S="0.5") as worker:
         assert worker.proc is not None
         started = time.monotonic()
         # 400 steps of 0.5 s each cannot finish within the 6 s deadline.
-        slow = stack.send(prompt="[slow] Describe this image.", max_new_tokens=400)
+        slow = send(stack, prompt="[slow] Describe this image.", max_new_tokens=400)
         slow_meta = wait_terminal(stack, slow, timeout_s=DEADLINE_S + 30)
         elapsed = time.monotonic() - started
-        normal_meta = wait_terminal(stack, stack.send(), timeout_s=60)
+        normal_meta = wait_terminal(stack, send(stack), timeout_s=60)
         alive = worker.proc.poll() is None
         final = stack.meta(slow)
         history = interesting(worker.log())
@@ -451,9 +330,8 @@ def test_slow_caption_fails_with_caption_timeout_and_the_worker_goes_on(stack: S
     assert (final["status"], error_of(final)[0]) == ("FAILURE", "CaptionTimeout")  # not rerun
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(stack: Stack) -> None:
+def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(stack: WorkerStack) -> None:
     """A generate call that ignores deadlines (a stuck kernel).
 
     The task thread stops waiting DEADLINE_GRACE_S (5 s) after the deadline and fails the task
@@ -473,14 +351,14 @@ def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(stack: St
         supervisor.start()
         first_pid = supervisor.pid
         started = time.monotonic()
-        hung = stack.send(prompt="[hang] Describe this image.")
+        hung = send(stack, prompt="[hang] Describe this image.")
         hung_meta = supervisor.wait_terminal(hung, timeout_s=DEADLINE_S + hang_grace + 30)
         failed_s = time.monotonic() - started
         exit_by = time.monotonic() + hang_grace + 30
         while not supervisor.exits and time.monotonic() < exit_by:
             supervisor.tick()
             time.sleep(0.05)
-        normal_meta = supervisor.wait_terminal(stack.send(), timeout_s=60)
+        normal_meta = supervisor.wait_terminal(send(stack), timeout_s=60)
         final = stack.meta(hung)
         waiting, unacked = stack.waiting(), stack.unacked()
         history = supervisor.history()

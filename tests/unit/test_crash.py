@@ -1,9 +1,13 @@
+"""Crash accounting and the task adapter's edges, with fakes instead of Redis and Celery."""
+
 from __future__ import annotations
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker.tasks import _CrashGuard
+from worker.errors import CaptionFailed
+from worker.queue.crash import CrashGuard
+from worker.queue.tasks import lifecycle_of
 
 
 class _DownRedis:
@@ -26,7 +30,15 @@ class _DownRedis:
 def test_crash_accounting_never_fails_a_caption_when_redis_is_away(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    guard = _CrashGuard(_DownRedis(), "caption:crashes:abc:0", suspect=False)
+    guard = CrashGuard(_DownRedis(), "caption:crashes:abc:0", suspect=False)
     guard.enter()
     guard.exit()
     assert caplog.text.count("crash accounting unavailable") == 2
+
+
+def test_a_task_on_an_app_without_a_lifecycle_fails_cleanly() -> None:
+    class PlainApp:  # any Celery app that is not the caption worker's
+        pass
+
+    with pytest.raises(CaptionFailed, match="does not run the caption worker"):
+        lifecycle_of(PlainApp())

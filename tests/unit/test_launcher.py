@@ -1,0 +1,48 @@
+"""``caption-worker worker``'s plan: one Celery worker process per GPU, or one on the CPU."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from worker.queue.launcher import plan_workers, visible_gpus, worker_command
+
+
+def test_one_process_per_gpu_each_seeing_only_its_own() -> None:
+    plans = plan_workers(["0", "3"], "captions", "INFO")
+    assert [p.env for p in plans] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "3"}]
+    assert [p.command for p in plans] == [
+        worker_command("captions", "gpu0@%h", "INFO"),
+        worker_command("captions", "gpu3@%h", "INFO"),
+    ]
+    assert plans[0].shell().startswith("CUDA_VISIBLE_DEVICES=0 ")
+    assert "--hostname gpu3@%h" in plans[1].shell()
+
+
+def test_no_gpu_means_one_cpu_process_that_sees_none() -> None:
+    [plan] = plan_workers([], "thumbs", "DEBUG")
+    assert plan.env == {"CUDA_VISIBLE_DEVICES": ""}
+    assert plan.command == worker_command("thumbs", "cpu@%h", "DEBUG")
+
+
+def test_the_worker_command_runs_the_caption_app_on_the_queue() -> None:
+    command = worker_command("thumbs", "gpu1@%h", "WARNING")
+    assert command[:6] == [sys.executable, "-m", "celery", "-A", "worker.app", "worker"]
+    for flag, value in (
+        ("--queues", "thumbs"),
+        ("--hostname", "gpu1@%h"),
+        ("--loglevel", "WARNING"),
+    ):
+        assert command[command.index(flag) + 1] == value
+    assert "--without-gossip" in command and "--without-mingle" in command
+
+
+@pytest.mark.parametrize(
+    ("value", "gpus"), [("0,1", ["0", "1"]), (" 2 , 5 ", ["2", "5"]), ("", []), ("-1", [])]
+)
+def test_cuda_visible_devices_decides_the_gpus(
+    monkeypatch: pytest.MonkeyPatch, value: str, gpus: list[str]
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert visible_gpus() == gpus
