@@ -101,15 +101,17 @@ def run_staggered(
     waiting = list(range(len(rows)))
     step = 0
     while len(outputs) < len(rows):
-        for i in list(waiting):
-            if join_at[i] <= step and slots.free_slots():
-                slot = slots.free_slots()[0]
-                waiting.remove(i)
-                done = slots.admit(slot, rows[i])
-                if done is None:
-                    owner[slot] = i
-                else:
-                    outputs[i] = done
+        # Rows joining at the same step are prefilled together, as one left-padded batch.
+        joining = [i for i in waiting if join_at[i] <= step][: len(slots.free_slots())]
+        pairs = list(zip(slots.free_slots(), joining, strict=False))
+        for (slot, i), done in zip(
+            pairs, slots.admit_many([(slot, rows[i]) for slot, i in pairs]), strict=True
+        ):
+            waiting.remove(i)
+            if done is None:
+                owner[slot] = i
+            else:
+                outputs[i] = done
         for slot, output in slots.step():
             outputs[owner.pop(slot)] = output
         step += 1

@@ -27,6 +27,9 @@ from worker.errors import CaptionFailed, CaptionTimeout
 
 log = logging.getLogger(__name__)
 
+# Rows prefilled together differ in prompt length by at most this factor (left padding).
+PREFILL_PAD_RATIO = 2.0
+
 
 class SlotRunner:
     """Feeds a ``SlotEngine`` from task threads (a ``RowRunner``)."""
@@ -38,8 +41,10 @@ class SlotRunner:
         self._live: dict[int, PendingRow] = {}
         self._running = False
         self._thread: threading.Thread | None = None
-        # Lowered after an out-of-memory: the most rows known to fit together.
+        # Lowered after an out-of-memory: the most rows known to fit together, and the most
+        # rows prefilled in one batch.
         self.row_cap = engine.slots
+        self.prefill_cap = engine.slots
         self.busy_since: float | None = None
 
     def start(self) -> None:
@@ -87,8 +92,7 @@ class SlotRunner:
                     return
                 admitted = self._take()
             try:
-                for entry in admitted:
-                    self._admit(entry)
+                self._admit(admitted)
                 self._step()
                 self._expire()
             except Exception as exc:  # keep the only model thread alive whatever happens
@@ -100,7 +104,7 @@ class SlotRunner:
         now = time.monotonic()
         if any(e.suspect for e in self._live.values()):
             return []  # a suspect row runs with nothing beside it
-        room = min(len(self._engine.free_slots()), self.row_cap - len(self._live))
+        room = min(len(self._engine.free_slots()), self.row_cap - len(self._live), self.prefill_cap)
         taken: list[PendingRow] = []
         kept: deque[PendingRow] = deque()
         while self._pending:
@@ -124,39 +128,90 @@ class SlotRunner:
         self._pending = kept
         return taken
 
-    def _admit(self, entry: PendingRow) -> None:
-        if entry.guard is not None:
-            entry.guard.enter()
-        self.busy_since = time.monotonic()
-        try:
-            slot = self._engine.free_slots()[0] if self._engine.fits(entry.item) else None
-            if slot is not None:
-                output = self._engine.admit(slot, entry.item)
-            else:
+    def _admit(self, entries: list[PendingRow]) -> None:
+        """Prefill the rows that fit a slot, in groups of similar length; run the rest alone."""
+        fitting = sorted(
+            (e for e in entries if self._engine.fits(e.item)), key=lambda e: e.prompt_tokens
+        )
+        for entry in entries:
+            if not self._engine.fits(entry.item):
                 log.info("a row of %d tokens runs alone", entry.item.prompt_tokens)
-                output = self._engine.run_alone(entry.item, entry.deadline)
+                self._run_alone(entry)
+        group: list[PendingRow] = []
+        for entry in fitting:
+            # Bound the padding a left-padded prefill batch wastes, as the batcher does.
+            if group and entry.prompt_tokens > PREFILL_PAD_RATIO * group[0].prompt_tokens:
+                self._prefill(group)
+                group = []
+            group.append(entry)
+        if group:
+            self._prefill(group)
+
+    def _run_alone(self, entry: PendingRow) -> None:
+        self._enter([entry])
+        try:
+            output = self._engine.run_alone(entry.item, entry.deadline)
         except self._engine.oom_errors as exc:
-            self._leave(entry)
+            self._leave([entry])
             self._engine.release_memory()
-            if self._live:
-                self.row_cap = max(1, len(self._live))
-                log.warning("out of memory admitting a row; at most %d rows now", self.row_cap)
-                with self._cond:
-                    self._pending.appendleft(entry)  # retried when rows have left
-                return
             fail_row(entry, CaptionFailed(f"out of memory even as the only row: {exc}"))
             return
         except Exception as exc:
-            self._leave(entry)
-            log.exception("prefill failed for one row")
+            self._leave([entry])
+            log.exception("generate failed for a row run alone")
             fail_row(entry, CaptionFailed(f"the model failed: {exc!r}"))
             return
         finally:
             self.busy_since = None
-        if output is None and slot is not None:
-            self._live[slot] = entry
-        elif output is not None:
-            self._finish(entry, output)
+        self._finish(entry, output)
+
+    def _prefill(self, entries: list[PendingRow]) -> None:
+        slots = self._engine.free_slots()[: len(entries)]
+        self._enter(entries)
+        try:
+            outputs = self._engine.admit_many(
+                [(slot, e.item) for slot, e in zip(slots, entries, strict=True)]
+            )
+        except self._engine.oom_errors as exc:
+            self._leave(entries)
+            self._engine.release_memory()
+            self._after_oom(entries, exc)
+            return
+        except Exception as exc:
+            self._leave(entries)
+            if len(entries) > 1:  # run each alone so one bad input cannot fail the others
+                log.warning("prefill failed for %d rows (%r); isolating", len(entries), exc)
+                for entry in entries:
+                    self._prefill([entry])
+                return
+            log.exception("prefill failed for one row")
+            fail_row(entries[0], CaptionFailed(f"the model failed: {exc!r}"))
+            return
+        finally:
+            self.busy_since = None
+        for slot, entry, output in zip(slots, entries, outputs, strict=True):
+            if output is None:
+                self._live[slot] = entry
+            else:
+                self._finish(entry, output)
+
+    def _after_oom(self, entries: list[PendingRow], exc: BaseException) -> None:
+        """Retry later with less in memory; fail a row only if it does not fit alone."""
+        if len(entries) == 1 and not self._live:
+            fail_row(entries[0], CaptionFailed(f"out of memory even as the only row: {exc}"))
+            return
+        if len(entries) > 1:
+            self.prefill_cap = max(1, len(entries) // 2)
+        else:
+            self.row_cap = max(1, len(self._live))
+        log.warning(
+            "out of memory admitting %d rows; at most %d rows, %d per prefill now",
+            len(entries),
+            self.row_cap,
+            self.prefill_cap,
+        )
+        with self._cond:
+            self._pending.extendleft(reversed(entries))
 
     def _step(self) -> None:
         if not self._live:
@@ -176,19 +231,26 @@ class SlotRunner:
                 self._finish(self._live.pop(slot), self._engine.stop_row(slot, "timeout"))
 
     def _finish(self, entry: PendingRow, output: CaptionOutput) -> None:
-        self._leave(entry)
+        self._leave([entry])
         if output.finish_reason == "timeout":
             took = f"{output.seconds:.1f}s in the model"
             fail_row(entry, CaptionTimeout(f"captioning passed the task deadline ({took})"))
         elif not entry.future.done():
             entry.future.set_result(output)
 
-    def _leave(self, entry: PendingRow) -> None:
-        if entry.guard is not None:
-            entry.guard.exit()
+    def _enter(self, entries: list[PendingRow]) -> None:
+        for entry in entries:
+            if entry.guard is not None:
+                entry.guard.enter()
+        self.busy_since = time.monotonic()
+
+    def _leave(self, entries: list[PendingRow]) -> None:
+        for entry in entries:
+            if entry.guard is not None:
+                entry.guard.exit()
 
     def _fail_live(self, exc: BaseException) -> None:
         for slot, entry in list(self._live.items()):
             self._engine.stop_row(slot, "timeout")
-            self._leave(entry)
+            self._leave([entry])
             fail_row(self._live.pop(slot), exc)

@@ -1,8 +1,9 @@
 """Qwen3-VL forward passes for the slot engine: prefill one row, decode one step for all slots.
 
 Prefill goes through the model's own ``forward`` (vision encoder, deepstack features, 3-row
-mrope positions) with a fresh dynamic cache, exactly as ``generate`` does for a lone row;
-its keys and values are then copied into the row's slot of a static cache. Decode runs the
+mrope positions) with a fresh dynamic cache, for new rows batched with left padding exactly
+as ``generate`` batches them; each row's keys and values are then copied into its slot of a
+static cache. Decode runs the
 text decoder layer by layer over every slot at once, with fixed shapes: one new token per
 slot, written at that slot's own position, and attention masked to the slot's length. A
 row's rope delta (mrope position minus sequence position, fixed after its image) is kept
@@ -48,31 +49,38 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k in self.keys)
 
-    def load(self, slot: int, dynamic_cache: Any, length: int) -> None:
-        """Copy a prefilled row's cache (batch of one) into ``slot``."""
+    def load(self, slot: int, dynamic_cache: Any, row: int, length: int) -> None:
+        """Copy row ``row`` of a prefilled batch's cache (left-padded) into ``slot``."""
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             source = dynamic_cache.layers[layer]
-            k[slot, :, :length] = source.keys[0]
-            v[slot, :, :length] = source.values[0]
+            k[slot, :, :length] = source.keys[row, :, -length:]
+            v[slot, :, :length] = source.values[row, :, -length:]
 
 
 @torch.inference_mode()
-def prefill(model: Any, tensors: dict[str, Any]) -> tuple[Prefilled, Any]:
-    """Run one prepared row through the full model; return its logits and dynamic cache."""
+def prefill(model: Any, rows: list[dict[str, Any]], pad_id: int) -> tuple[list[Prefilled], Any]:
+    """Run prepared rows through the full model as one left-padded batch.
+
+    Returns each row's next-token logits, length and rope delta, and the batch's dynamic
+    cache (row ``i`` occupies its last ``length`` positions; see ``StaticKVCache.load``).
+    """
     from transformers import DynamicCache
 
+    from worker.engine.hf_generate import collate
+
     cache = DynamicCache(config=model.config.text_config)
-    inputs = {k: v.to(model.device) for k, v in tensors.items()}
-    # The model keeps the last rope deltas on itself; clear them so this row's are computed
-    # from its own image grid, and clear them after, so nothing leaks into the next call.
+    inputs = collate(rows, pad_id).to(model.device)
+    # The model keeps the last rope deltas on itself; clear them so these rows' are computed
+    # from their own image grids, and clear them after, so nothing leaks into the next call.
     model.model.rope_deltas = None
     try:
         out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
-        delta = int(model.model.rope_deltas[0, 0])
+        deltas = [int(d) for d in model.model.rope_deltas[:, 0].tolist()]
     finally:
         model.model.rope_deltas = None
-    length = int(inputs["input_ids"].shape[1])
-    return Prefilled(out.logits[0, -1], length, delta), cache
+    lengths = [int(r["input_ids"].shape[1]) for r in rows]
+    logits = out.logits[:, -1]
+    return [Prefilled(logits[i], lengths[i], deltas[i]) for i in range(len(rows))], cache
 
 
 @torch.inference_mode()
@@ -82,12 +90,15 @@ def decode_step(
     tokens: torch.Tensor,
     lengths: torch.Tensor,
     deltas: torch.Tensor,
+    keys: int,
 ) -> torch.Tensor:
-    """One decode step for every slot; returns next-token logits, shape (slots, vocab).
+    """One decode step for the first ``n`` slots; returns next-token logits, shape (n, vocab).
 
     ``tokens`` are each slot's last token, ``lengths`` its cache length before that token
-    (the position it is written at) and ``deltas`` its rope delta; all shape (slots,). Free
-    slots run too (shapes stay fixed); what they write is overwritten at their next prefill.
+    (the position it is written at) and ``deltas`` its rope delta; all shape (n,). Attention
+    reads the first ``keys`` cache positions, which must exceed every length. Slots without a
+    row run too (shapes stay in a few buckets); what they write is overwritten at their next
+    prefill.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.qwen3_vl.modeling_qwen3_vl import (
@@ -99,29 +110,37 @@ def decode_step(
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(
         text.config._attn_implementation, eager_attention_forward
     )
-    slots = tokens.shape[0]
+    n = tokens.shape[0]
     hidden = text.embed_tokens(tokens[:, None])
     # Decode tokens are text: the same position on all three mrope rows.
-    positions = (lengths + deltas)[None, :, None].expand(3, slots, 1)
+    positions = (lengths + deltas)[None, :, None].expand(3, n, 1)
     cos, sin = text.rotary_emb(hidden, positions)
-    keys_at = torch.arange(cache.capacity, device=tokens.device)
+    keys_at = torch.arange(keys, device=tokens.device)
     mask = (keys_at[None, :] <= lengths[:, None])[:, None, None, :]
-    rows = torch.arange(slots, device=tokens.device)
+    rows = torch.arange(n, device=tokens.device)
     for index, layer in enumerate(text.layers):
         residual = hidden
         x = layer.input_layernorm(hidden)
         attn = layer.self_attn
-        shape = (slots, 1, -1, attn.head_dim)
+        shape = (n, 1, -1, attn.head_dim)
         q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache.keys[index][rows, :, lengths] = k[:, :, 0]
-        cache.values[index][rows, :, lengths] = v[:, :, 0]
+        layer_keys = cache.keys[index][:n]
+        layer_values = cache.values[index][:n]
+        layer_keys[rows, :, lengths] = k[:, :, 0]
+        layer_values[rows, :, lengths] = v[:, :, 0]
         out, _ = attention(
-            attn, q, cache.keys[index], cache.values[index], mask, dropout=0.0, scaling=attn.scaling
+            attn,
+            q,
+            layer_keys[:, :, :keys],
+            layer_values[:, :, :keys],
+            mask,
+            dropout=0.0,
+            scaling=attn.scaling,
         )
-        hidden = residual + attn.o_proj(out.reshape(slots, 1, -1))
+        hidden = residual + attn.o_proj(out.reshape(n, 1, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     hidden = text.norm(hidden)
     return model.lm_head(hidden[:, -1])  # type: ignore[no-any-return]

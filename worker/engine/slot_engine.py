@@ -92,36 +92,55 @@ class SlotEngine:
         return self.base.generate([item], None if deadline is None else [deadline])[0]
 
     def admit(self, slot: int, item: PreparedInput) -> CaptionOutput | None:
-        """Prefill ``item`` into a free ``slot`` and choose its first token.
+        """Prefill one row into a free slot; see ``admit_many``."""
+        return self.admit_many([(slot, item)])[0]
 
-        Returns the row's output if that token already ends it, else None (it is live).
+    def admit_many(self, rows: list[tuple[int, PreparedInput]]) -> list[CaptionOutput | None]:
+        """Prefill rows into free slots as one batch and choose each row's first token.
+
+        Returns, per row, its output if that token already ends it, else None (it is live).
         """
-        if slot in self._rows:
-            raise ValueError(f"slot {slot} is in use")
-        if not self.fits(item):
-            raise ValueError("row does not fit a slot; use run_alone")
+        if not rows:
+            return []
+        for slot, item in rows:
+            if slot in self._rows:
+                raise ValueError(f"slot {slot} is in use")
+            if not self.fits(item):
+                raise ValueError("row does not fit a slot; use run_alone")
         started = time.perf_counter()
-        first, dynamic_cache = prefill(self.base.model, item.tensors)
-        self.cache.load(slot, dynamic_cache, first.length)
-        sampler = RowSampler.for_row(item.options, self.base.model.generation_config, self._device)
-        prompt_ids = item.tensors["input_ids"][0].to(self._device)
-        row = _Row(item, sampler, prompt_ids, first.length, first.rope_delta, started)
-        row.peak_rows = self.live + 1
-        self._rows[slot] = row
-        return self._accept(slot, row, first.logits)
+        firsts, dynamic_cache = prefill(
+            self.base.model, [item.tensors for _, item in rows], self._pad
+        )
+        outputs: list[CaptionOutput | None] = []
+        for index, ((slot, item), first) in enumerate(zip(rows, firsts, strict=True)):
+            self.cache.load(slot, dynamic_cache, index, first.length)
+            sampler = RowSampler.for_row(
+                item.options, self.base.model.generation_config, self._device
+            )
+            prompt_ids = item.tensors["input_ids"][0].to(self._device)
+            row = _Row(item, sampler, prompt_ids, first.length, first.rope_delta, started)
+            self._rows[slot] = row
+            outputs.append(self._accept(slot, row, first.logits))
+        for row in self._rows.values():
+            row.peak_rows = max(row.peak_rows, self.live)
+        return outputs
 
     def step(self) -> list[tuple[int, CaptionOutput]]:
         """Decode one token for every live row; return the rows that finished."""
         if not self._rows:
             return []
-        tokens = torch.full((self.slots,), self._pad, dtype=torch.long, device=self._device)
-        lengths = torch.zeros(self.slots, dtype=torch.long, device=self._device)
-        deltas = torch.zeros(self.slots, dtype=torch.long, device=self._device)
+        # Only the slots up to the highest live one, and only the cache positions in use,
+        # each rounded up to a bucket so a few shapes repeat.
+        n = _bucket(max(self._rows) + 1, self.slots, minimum=1)
+        keys = _bucket(max(r.length for r in self._rows.values()) + 1, self.capacity, 256)
+        tokens = torch.full((n,), self._pad, dtype=torch.long, device=self._device)
+        lengths = torch.zeros(n, dtype=torch.long, device=self._device)
+        deltas = torch.zeros(n, dtype=torch.long, device=self._device)
         for slot, row in self._rows.items():
             tokens[slot] = row.generated[-1]
             lengths[slot] = row.length
             deltas[slot] = row.rope_delta
-        logits = decode_step(self.base.model, self.cache, tokens, lengths, deltas)
+        logits = decode_step(self.base.model, self.cache, tokens, lengths, deltas, keys)
         finished = []
         live = self.live
         for slot, row in list(self._rows.items()):
@@ -160,3 +179,11 @@ class SlotEngine:
         return CaptionOutput(
             text, row.item.prompt_tokens, generated, reason, seconds, row.peak_rows
         )
+
+
+def _bucket(needed: int, limit: int, minimum: int) -> int:
+    """The smallest power-of-two multiple of ``minimum`` that holds ``needed``, capped."""
+    size = minimum
+    while size < needed:
+        size *= 2
+    return min(size, limit)

@@ -1,0 +1,71 @@
+"""Continuous batching through a real worker: a short task sent while 24 long captions decode
+finishes long before them with ``CAPTION_ENGINE=slots``; with ``generate`` it waits for the
+whole batch. The figures are printed (``pytest -s``) for both engines.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.stack import WorkerStack
+from tests.support.waits import wait_until
+from worker.devtools.loopback import LoopbackS3
+
+LONG_TASKS = 24
+LONG_TOKENS = 384
+SHORT_TOKENS = 16
+TIMEOUT_S = 300.0
+
+
+def _short_during_long(stack: WorkerStack) -> dict[str, float]:
+    """Send the long tasks, wait until all run plus 1 s, send the short one; time both."""
+    uri = stack.upload("picture.png")
+    started = time.monotonic()
+    longs = [stack.send(image=uri, max_new_tokens=LONG_TOKENS) for _ in range(LONG_TASKS)]
+    wait_until(
+        lambda: all(t.state == "STARTED" for t in longs), TIMEOUT_S, "every long task started"
+    )
+    running = time.monotonic()
+    time.sleep(1.0)
+    sent = time.monotonic()
+    short = stack.send(image=uri, max_new_tokens=SHORT_TOKENS)
+    short_result = short.get(timeout=TIMEOUT_S, interval=0.05)
+    short_done = time.monotonic()
+    long_results = [t.get(timeout=TIMEOUT_S, interval=0.05) for t in longs]
+    longs_done = time.monotonic()
+    assert short_result["generated_tokens"] == SHORT_TOKENS
+    assert all(r["generated_tokens"] == LONG_TOKENS for r in long_results)
+    return {
+        "long_batch_s": round(longs_done - running, 2),
+        "short_latency_s": round(short_done - sent, 2),
+        "all_sent_to_running_s": round(running - started, 2),
+    }
+
+
+@pytest.mark.parametrize("engine", ["generate", "slots"])
+def test_a_short_task_sent_mid_batch_does_not_wait_for_the_batch(
+    engine: str, tiny_model_dir: Path, s3_server: LoopbackS3, redis_url: str, tmp_path: Path
+) -> None:
+    with WorkerStack(
+        tiny_model_dir,
+        s3_server,
+        tmp_path,
+        name=f"latency-{engine}",
+        redis=redis_url,
+        CAPTION_ENGINE=engine,
+        CAPTION_MAX_BATCH="32",
+        CAPTION_SLOTS="32",
+        CAPTION_REPETITION_SPAN="0",  # the tiny model loops; every caption runs its full length
+        CAPTION_TASK_DEADLINE_S="200",
+        OMP_NUM_THREADS="1",
+    ) as stack:
+        stack.start_worker(engine)
+        figures = _short_during_long(stack)
+    print(f"\n{engine}: {figures}")
+    if engine == "slots":
+        assert figures["short_latency_s"] < figures["long_batch_s"] / 3, figures
+    else:  # the reference engine: the short task waits for the running batch to finish
+        assert figures["short_latency_s"] > figures["long_batch_s"] / 2, figures
