@@ -138,18 +138,48 @@ def test_null_optional_arguments_mean_not_given(stack: WorkerStack) -> None:
     assert with_nulls["prompt_tokens"] == without["prompt_tokens"]  # the default prompt
 
 
-def test_an_invalid_request_leaves_no_delivery_counter(stack: WorkerStack) -> None:
-    # The request is parsed before crash accounting: nothing to count for a task that can
-    # never run, so no caption:deliveries key is written for it.
-    failed = [stack.send(image="s3://bkt/k.png", colour="red"), stack.send(prompt="no image")]
-    for task in failed:
-        assert type(failure_of(task, 20)).__name__ == "InvalidRequest"
+def test_a_refused_request_leaves_no_delivery_counter(stack: WorkerStack) -> None:
+    # Requests are checked before crash accounting: nothing to count for a task that can
+    # never run, so no caption:deliveries key is ever written for it.
+    refused = [
+        stack.send(image="s3://bkt/k.png", colour="red"),
+        stack.send(prompt="no image"),
+        stack.send(image="https://example.com/k.png"),
+        stack.send(image="s3://bkt/k.png", model="someone/other-model"),
+    ]
+    kinds = [type(failure_of(task, 20)).__name__ for task in refused]
+    assert kinds == ["InvalidRequest", "InvalidRequest", "InvalidRequest", "ModelMismatch"]
     backend = stack.backend()
-    assert [backend.exists(DELIVERY_KEY.format(task_id=t.id, retry=0)) for t in failed] == [0, 0]
-    # A valid one is counted, so the check above can see a counter.
-    ok = stack.send(image=stack.upload("counted.png"), max_new_tokens=2)
-    ok.get(timeout=TASK_TIMEOUT_S)
-    assert backend.exists(DELIVERY_KEY.format(task_id=ok.id, retry=0)) == 1
+    assert [backend.exists(DELIVERY_KEY.format(task_id=t.id, retry=0)) for t in refused] == [0] * 4
+
+
+def test_a_finished_task_leaves_only_its_result_in_redis(stack: WorkerStack) -> None:
+    """Counters and the client's QUEUED marker go once the outcome is stored."""
+    from worker.client import CaptionClient
+    from worker.settings import Settings
+
+    env = stack.env()
+    client = CaptionClient(
+        Settings(
+            broker_url=env["CAPTION_BROKER_URL"],
+            result_backend=env["CAPTION_RESULT_BACKEND"],
+            queue=stack.queue,
+        )
+    )
+    try:
+        ok = client.submit(stack.upload("counted.png"), max_new_tokens=2)
+        missing = client.submit(f"s3://{stack.bucket}/no/such.png", max_new_tokens=2)
+        assert client.result(ok, timeout=TASK_TIMEOUT_S)["generated_tokens"] == 2
+        failed = failure_of(stack.producer.AsyncResult(missing), TASK_TIMEOUT_S)
+        assert type(failed).__name__ == "ImageNotFound"
+        states = [client.status(ok).state, client.status(missing).state]
+    finally:
+        client.close()
+    assert states == ["SUCCESS", "FAILURE"]
+    backend = stack.backend()
+    for task_id in (ok, missing):  # a success and a final failure alike
+        assert stack.bookkeeping(task_id) == [], task_id
+        assert backend.exists(RESULT_META_KEY.format(task_id=task_id)) == 1
 
 
 def test_wrong_model_fails_with_model_mismatch(stack: WorkerStack) -> None:

@@ -158,6 +158,8 @@ def test_sigkill_mid_batch_every_task_redelivered_and_captioned_once(stack: Work
     assert at_kill == ["STARTED"] * 6, at_kill
     assert log_count(first, "succeeded in") == 0, "a task finished before the kill"
     assert stack.leftovers()["unacked"] == 6  # the dead worker's, held by Redis
+    # The counters of tasks in flight survive their worker's death: the redelivery reads them.
+    assert [stack.deliveries(t.id) for t in tasks] == [1] * 6
 
     # The second worker is fast; it gets the tasks once their visibility timeout passes.
     second = stack.start_worker("second", FAULT_STEP_DELAY_S="0.02")
@@ -182,8 +184,11 @@ def test_sigkill_mid_batch_every_task_redelivered_and_captioned_once(stack: Work
     for task, result in zip(tasks, results, strict=True):
         assert captioned_by(result, second), result["worker"]
         assert result["finish_reason"] in ("stop", "length")
-        # Delivered to the first worker (which died in generate), then to the second.
-        assert stack.deliveries(task.id) == 2
+        # Delivered to the first worker (which died in generate), then to the second,
+        # captioned once, and nothing but the result is left of it in Redis.
+        assert stack.log_events(task.id, "received") == 2
+        assert stack.captions(task.id) == 1
+        assert stack.bookkeeping(task.id) == []
     assert log_count(second, "succeeded in") == 6
     # Nothing left to hand out again later.
     assert stack.leftovers() == NOTHING_LEFT
@@ -242,7 +247,7 @@ def test_sigterm_finishes_running_batch_and_hands_back_the_rest(stack: WorkerSta
     for task in tasks:
         owner = first if task.id in finished_by_first else second
         assert captioned_by(result_of(task), owner), task.id
-        assert stack.deliveries(task.id) == 1  # no task was captioned twice
+        assert stack.captions(task.id) == 1  # no task was captioned twice
     assert stack.leftovers() == NOTHING_LEFT
 
 
@@ -295,7 +300,7 @@ def test_redis_restart_mid_run_loses_nothing_and_worker_stays_up(stack: WorkerSt
             assert captioned_by(result, only)
             if task.id in finished_before:
                 assert result == finished_before[task.id]
-            assert stack.deliveries(task.id) == 1, task.id  # no task was captioned twice
+            assert stack.captions(task.id) == 1, task.id  # no task was captioned twice
     finally:
         reader.close()
     assert stack.leftovers() == NOTHING_LEFT

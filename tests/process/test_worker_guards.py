@@ -289,6 +289,8 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
     print(f"poison task terminal after {poison_s:.1f}s, worker exits {supervisor.codes()}")
 
     assert poison_meta["status"] == "FAILURE", history
+    # Failed for good: its delivery and crash counters are gone with it.
+    assert stack.bookkeeping(poison) == []
     kind, message = error_of(poison_meta)
     assert kind == "TooManyDeliveries", f"{kind}: {message}\n{history}"
     assert f"CAPTION_MAX_DELIVERIES={MAX_DELIVERIES}" in message

@@ -25,7 +25,9 @@ from worker.devtools.loopback import LoopbackS3
 from worker.devtools.processes import WorkerProcess
 from worker.devtools.redis_server import RedisServer
 from worker.queue.keys import (
+    CRASH_KEY,
     DELIVERY_KEY,
+    QUEUED_KEY,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     queue_lists,
@@ -262,6 +264,32 @@ class WorkerStack:
         return [float(score) for _, score in cast(list[tuple[bytes, float]], index)]
 
     def deliveries(self, task_id: str) -> int:
-        """How many times a worker began captioning this task (the worker's own counter)."""
+        """The worker's delivery counter for this task (exists only while it is unfinished)."""
         value = self.backend().get(DELIVERY_KEY.format(task_id=task_id, retry=0))
         return int(value) if value is not None else 0
+
+    def bookkeeping(self, task_id: str) -> list[str]:
+        """Every per-task key besides the result that Redis still holds for this task."""
+        names = [QUEUED_KEY.format(task_id=task_id)] + [
+            key.format(task_id=task_id, retry=retry)
+            for key in (DELIVERY_KEY, CRASH_KEY)
+            for retry in range(4)
+        ]
+        backend = self.backend()
+        return [name for name in names if backend.exists(name)]
+
+    def log_events(self, task_id: str, event: str) -> int:
+        """Lines of every worker's log that report ``event`` for this task.
+
+        Celery logs ``Task caption[<id>] received`` per delivery and ``... succeeded in`` per
+        run that stored a result.
+        """
+        needle = f"[{task_id}] {event}"
+        return sum(proc.log().count(needle) for proc in self.workers)
+
+    def captions(self, task_id: str) -> int:
+        """How often a worker really captioned this task (stored-result replays excluded)."""
+        replays = sum(
+            proc.log().count(f"task {task_id} already succeeded") for proc in self.workers
+        )
+        return self.log_events(task_id, "succeeded in") - replays

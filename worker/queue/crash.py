@@ -1,9 +1,11 @@
-"""Crash accounting: count deliveries and model calls that never returned, per task.
+"""Crash accounting: count deliveries and model calls that never returned, per task attempt.
 
 A task whose model call never returned ``CAPTION_MAX_DELIVERIES`` times is failed with
 ``TooManyDeliveries``; after one such crash it runs alone, so neighbours that merely shared
 its batch are not blamed. A looser backstop on plain deliveries catches workers that die
-elsewhere (say, in an image decoder). Counters live in the result backend's Redis.
+elsewhere (say, in an image decoder). Counters live in the result backend's Redis, only
+while they matter: ``forget`` deletes them when the attempt ends, so a finished task leaves
+nothing behind but its result.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from worker.errors import TooManyDeliveries
-from worker.queue.keys import COUNTER_TTL_S, CRASH_KEY, DELIVERY_KEY
+from worker.queue.keys import COUNTER_TTL_S, CRASH_KEY, DELIVERY_KEY, QUEUED_KEY
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +74,14 @@ def admit_delivery(client: Any, task_id: str, retry: int, limit: int) -> CrashGu
             f"CAPTION_MAX_DELIVERIES={limit}); the input likely crashes the model"
         )
     return CrashGuard(client, key, suspect=crashes > 0)
+
+
+def forget(client: Any, task_id: str, retry: int, *, finished: bool) -> None:
+    """Delete an attempt's counters (and, when the task is finished, its QUEUED marker)."""
+    keys = [key.format(task_id=task_id, retry=retry) for key in (CRASH_KEY, DELIVERY_KEY)]
+    if finished:
+        keys.append(QUEUED_KEY.format(task_id=task_id))
+    try:
+        client.delete(*keys)
+    except RedisError as exc:  # the keys expire on their own; never fail a task over them
+        log.warning("could not delete counters of task %s: %s", task_id, exc)

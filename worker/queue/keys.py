@@ -7,12 +7,15 @@ look at the rest. Keep names here so a rename is one edit.
 from __future__ import annotations
 
 #: Set by ``CaptionClient.submit`` with the result TTL; its presence turns PENDING into QUEUED.
+#: Deleted when the task ends: from then on its result answers.
 QUEUED_KEY = "caption:queued:{task_id}"
 #: Model calls with this task in them that never returned (the worker died inside them).
 CRASH_KEY = "caption:crashes:{task_id}:{retry}"
 #: Deliveries of this task attempt, however the workers that took it ended.
 DELIVERY_KEY = "caption:deliveries:{task_id}:{retry}"
-#: How long the two counters above outlive their last update.
+#: A backstop only: the task deletes both counters when it ends (success, final failure or
+#: retry), so they exist only while a delivery may still follow. This expiry covers tasks
+#: whose messages were lost with a broker.
 COUNTER_TTL_S = 7 * 86_400
 
 #: Celery's Redis result backend: one key per finished task.

@@ -2,8 +2,9 @@
 
 It adds what only the queue knows about: the service travels with the Celery app (the
 worker's ``CaptionApp``), crash accounting per delivery, a stored result from an earlier
-delivery (returned as is, so a duplicate never yields a second answer), and retries with
-backoff for errors marked ``retryable``.
+delivery (returned as is, so a duplicate never yields a second answer), retries with
+backoff for errors marked ``retryable``, and cleanup: once the result is stored, the task's
+counters and QUEUED marker are deleted, so Redis keeps one key per finished task.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from celery import states as celery_states
 
 from worker.contract import TASK_NAME, parse_request
 from worker.errors import CaptionError, CaptionFailed, InvalidRequest
-from worker.queue.crash import CrashGuard, admit_delivery
+from worker.queue.crash import CrashGuard, admit_delivery, forget
 from worker.runtime.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,25 @@ def _crash_guard(task: Task, limit: int) -> CrashGuard | None:
     return admit_delivery(client, task.request.id, task.request.retries or 0, limit)
 
 
-@shared_task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+class CaptionTask(Task):  # type: ignore[misc]
+    """The task class: deletes per-task bookkeeping once the outcome is stored."""
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        einfo: Any,
+    ) -> None:
+        # Celery calls this after the result is stored, for SUCCESS and FAILURE only.
+        client = getattr(self.backend, "client", None)
+        if client is not None:
+            forget(client, task_id, self.request.retries or 0, finished=True)
+
+
+@shared_task(name=TASK_NAME, bind=True, base=CaptionTask)  # type: ignore[untyped-decorator]
 def caption(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Caption ``kwargs["image"]``; see the task contract in the README."""
     service = lifecycle_of(self.app).service
@@ -52,6 +71,7 @@ def caption(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     if args:
         raise InvalidRequest("the caption task takes keyword arguments only")
     request = parse_request(kwargs, settings)
+    service.validate(request)  # a request refused here never counts as a delivery
     earlier = _stored_success(self)
     if earlier is not None:
         log.info("task %s already succeeded; returning the stored result", self.request.id)
@@ -64,5 +84,8 @@ def caption(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if not exc.retryable or retries >= settings.storage_retries:
             raise
         countdown = settings.storage_retry_backoff_s * 2**retries
+        client = getattr(self.backend, "client", None)
+        if client is not None:  # this attempt is over; the retry counts afresh
+            forget(client, self.request.id, retries, finished=False)
         log.warning("%s (%s); retry %d in %.1fs", type(exc).__name__, exc, retries + 1, countdown)
         raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None

@@ -30,14 +30,18 @@ class CaptionService:
     runner: RowRunner
     worker_name: str
 
-    def check_model(self, request: CaptionRequest) -> None:
-        """Refuse a request that names another model than the one loaded here."""
+    def validate(self, request: CaptionRequest, *, local: bool = False) -> S3Location | None:
+        """Refuse a request this worker cannot serve, before any work; its S3 location.
+
+        ``local``: the image bytes come with the request (local captions), not from S3.
+        """
         info = self.engine.info
         if request.model is not None and not info.resolved.matches(request.model):
             raise ModelMismatch(
                 f"this worker serves {info.name!r}, not {request.model!r}; "
                 "route the task to a queue whose workers load that model"
             )
+        return None if local else S3Location.parse(request.image)
 
     def prepare(
         self, request: CaptionRequest, data: bytes
@@ -68,8 +72,7 @@ class CaptionService:
         and the image is fetched from the request's S3 URI.
         """
         deadline = time.monotonic() + self.settings.task_deadline_s
-        self.check_model(request)
-        location = S3Location.parse(request.image) if data is None else None
+        location = self.validate(request, local=data is not None)
         with self.runner.expect():
             if location is not None:
                 data = self.store.fetch(location)
