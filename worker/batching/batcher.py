@@ -12,55 +12,33 @@ being split by the broker's delivery pace.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 
+from worker.batching.model_thread import ModelThread
 from worker.batching.policy import BatchLimits, select_batch, wait_before_batch
 from worker.batching.rows import PendingRow, fail_row
-from worker.engine.base import BatchEngine, CaptionOutput, PreparedInput, RunGuard
+from worker.engine.base import BatchEngine
 from worker.errors import CaptionFailed, CaptionTimeout
 
 log = logging.getLogger(__name__)
 
 
-class Batcher:
+class Batcher(ModelThread):
     """Collects prepared inputs from task threads and runs them in shared generate calls."""
 
+    thread_name = "caption-batcher"
+
     def __init__(self, model: BatchEngine, limits: BatchLimits) -> None:
+        super().__init__()
         self._model = model
         self._limits = limits
-        self._cond = threading.Condition()
         self._pending: list[PendingRow] = []
         self._preparing = 0
         self._last_arrival = 0.0
-        self._running = False
-        self._thread: threading.Thread | None = None
         # Lowered after an out-of-memory; the largest batch known to fit from then on.
         self.batch_cap = limits.max_batch
-        # monotonic start of the generate call in progress, for the hang watchdog.
-        self.busy_since: float | None = None
-
-    def start(self) -> None:
-        """Start the batcher thread."""
-        with self._cond:
-            self._running = True
-        self._thread = threading.Thread(target=self._loop, name="caption-batcher", daemon=True)
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        """Whether the batcher thread is running."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then stop the thread."""
-        with self._cond:
-            self._running = False
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     @contextmanager
     def expect(self) -> Iterator[None]:
@@ -75,18 +53,9 @@ class Batcher:
                 self._preparing -= 1
                 self._cond.notify_all()
 
-    def submit(
-        self, item: PreparedInput, deadline: float, guard: RunGuard | None = None
-    ) -> Future[CaptionOutput]:
-        """Queue one prepared input; the future resolves to its caption or error."""
-        future: Future[CaptionOutput] = Future()
-        with self._cond:
-            if not self._running:
-                raise CaptionFailed("the worker is shutting down")
-            self._pending.append(PendingRow(item, deadline, future, guard=guard))
-            self._last_arrival = time.monotonic()
-            self._cond.notify_all()
-        return future
+    def _enqueue(self, row: PendingRow) -> None:
+        self._pending.append(row)
+        self._last_arrival = time.monotonic()
 
     def _loop(self) -> None:
         while True:

@@ -13,15 +13,14 @@ returned) runs with no other row beside it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 
+from worker.batching.model_thread import ModelThread
 from worker.batching.rows import PendingRow, fail_row
-from worker.engine.base import CaptionOutput, PreparedInput, RunGuard
+from worker.engine.base import CaptionOutput
 from worker.engine.slot_engine import SlotEngine
 from worker.errors import CaptionFailed, CaptionTimeout
 
@@ -31,57 +30,28 @@ log = logging.getLogger(__name__)
 PREFILL_PAD_RATIO = 2.0
 
 
-class SlotRunner:
+class SlotRunner(ModelThread):
     """Feeds a ``SlotEngine`` from task threads (a ``RowRunner``)."""
 
+    thread_name = "caption-slots"
+
     def __init__(self, engine: SlotEngine) -> None:
+        super().__init__()
         self._engine = engine
-        self._cond = threading.Condition()
         self._pending: deque[PendingRow] = deque()
         self._live: dict[int, PendingRow] = {}
-        self._running = False
-        self._thread: threading.Thread | None = None
         # Lowered after an out-of-memory: the most rows known to fit together, and the most
         # rows prefilled in one batch.
         self.row_cap = engine.slots
         self.prefill_cap = engine.slots
-        self.busy_since: float | None = None
-
-    def start(self) -> None:
-        """Start the model thread."""
-        with self._cond:
-            self._running = True
-        self._thread = threading.Thread(target=self._loop, name="caption-slots", daemon=True)
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        """Whether the model thread is running."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish every submitted row, then stop the thread."""
-        with self._cond:
-            self._running = False
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     @contextmanager
     def expect(self) -> Iterator[None]:
         """Rows join at any step, so nothing waits for rows still on their way."""
         yield
 
-    def submit(
-        self, item: PreparedInput, deadline: float, guard: RunGuard | None = None
-    ) -> Future[CaptionOutput]:
-        """Queue one prepared row; the future resolves to its caption or error."""
-        future: Future[CaptionOutput] = Future()
-        with self._cond:
-            if not self._running:
-                raise CaptionFailed("the worker is shutting down")
-            self._pending.append(PendingRow(item, deadline, future, guard=guard))
-            self._cond.notify_all()
-        return future
+    def _enqueue(self, row: PendingRow) -> None:
+        self._pending.append(row)
 
     def _loop(self) -> None:
         while True:

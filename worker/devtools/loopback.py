@@ -33,6 +33,18 @@ def free_port() -> int:
         return port
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """SIGTERM a child process, SIGKILL it if it is still there after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll ``url`` until any HTTP answer arrives; fail early if ``proc`` died."""
     deadline = time.monotonic() + timeout_s
@@ -72,13 +84,8 @@ class LoopbackS3:
 
     def stop(self) -> None:
         """Stop the server; its buckets go with it."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            terminate(self._proc, timeout_s=10)
         self._proc = None
 
     def env(self) -> dict[str, str]:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from worker.devtools.loopback import terminate
 from worker.queue.launcher import worker_command
 
 
@@ -74,14 +75,7 @@ class WorkerProcess:
         """Warm shutdown (SIGTERM); SIGKILL if it does not exit in time."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout_s)
 
     def __enter__(self) -> WorkerProcess:
         self.start()

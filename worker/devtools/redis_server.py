@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from worker.devtools.loopback import free_port
+from worker.devtools.loopback import free_port, terminate
 from worker.errors import ConfigError
 
 
@@ -115,13 +115,8 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM: it flushes its AOF first)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            terminate(self._proc, timeout_s=15)
         self._proc = None
 
     def restart(self, down_s: float = 0.0) -> None:
