@@ -84,13 +84,17 @@ class SlotRunner(ModelThread):
             if entry.deadline <= now:
                 fail_row(entry, CaptionTimeout("the task deadline passed while it waited"))
                 continue
+            if entry.suspect and (taken or self._live):
+                # It runs alone once the rows before it have left; nothing overtakes it,
+                # or steady traffic would keep it waiting forever.
+                kept.append(entry)
+                break
             fits = self._engine.fits(entry.item)
-            busy = entry.suspect and bool(taken or self._live)
-            full = fits and sum(self._engine.fits(t.item) for t in taken) >= room
-            if busy or full:
+            if fits and sum(self._engine.fits(t.item) for t in taken) >= room:
                 kept.append(entry)
                 continue
-            if entry.future.set_running_or_notify_cancel():
+            # A row put back after an out-of-memory is already running.
+            if entry.future.running() or entry.future.set_running_or_notify_cancel():
                 taken.append(entry)
                 if entry.suspect:
                     break

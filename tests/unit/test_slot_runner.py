@@ -1,0 +1,170 @@
+"""The slot runner's scheduling with a fake slot engine: admission, OOM back-off, suspects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+
+from tests.support.batching import settle
+from worker.batching.slot_runner import SlotRunner
+from worker.contract import GenerationOptions
+from worker.engine.base import CaptionOutput, FinishReason, PreparedInput
+from worker.engine.slot_engine import SlotEngine
+from worker.errors import CaptionFailed
+
+
+class FakeOOM(Exception):
+    """Stands in for torch.OutOfMemoryError."""
+
+
+SUSPECT_TAG = 9
+
+
+def row(tag: int, tokens: int = 3, prompt: int = 10) -> PreparedInput:
+    return PreparedInput({"tag": tag}, prompt, (32, 32), tokens, GenerationOptions())
+
+
+class FakeSlots:
+    """Rows finish after ``max_new_tokens`` steps; a prefill of more than ``oom_above`` rows
+    raises FakeOOM, as a device would."""
+
+    def __init__(self, slots: int, oom_above: int = 0, capacity: int = 100) -> None:
+        self.slots = slots
+        self.capacity = capacity
+        self.oom_above = oom_above
+        self.rows: dict[int, tuple[PreparedInput, int, int]] = {}  # slot -> (item, done, peak)
+        self.prefills: list[int] = []
+        self.peak_live = 0
+        self.live_beside_suspect: set[int] = set()
+
+    @property
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        return (FakeOOM,)
+
+    def release_memory(self) -> None:
+        pass
+
+    @property
+    def live(self) -> int:
+        return len(self.rows)
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.slots) if s not in self.rows]
+
+    def fits(self, item: PreparedInput) -> bool:
+        return item.prompt_tokens + item.max_new_tokens <= self.capacity
+
+    def run_alone(self, item: PreparedInput, deadline: float | None) -> CaptionOutput:
+        return self._out(item, item.max_new_tokens, "length", 1)
+
+    def admit_many(self, rows: list[tuple[int, PreparedInput]]) -> list[CaptionOutput | None]:
+        if self.oom_above and len(rows) > self.oom_above:
+            raise FakeOOM(f"{len(rows)} rows")
+        self.prefills.append(len(rows))
+        for slot, item in rows:
+            self.rows[slot] = (item, 1, 0)
+        self.peak_live = max(self.peak_live, self.live)
+        return [None] * len(rows)
+
+    def step(self) -> list[tuple[int, CaptionOutput]]:
+        time.sleep(0.002)
+        if any(item.tensors["tag"] == SUSPECT_TAG for item, _, _ in self.rows.values()):
+            self.live_beside_suspect.add(self.live)
+        finished = []
+        for slot, (item, done, _) in list(self.rows.items()):
+            if done + 1 >= item.max_new_tokens:
+                del self.rows[slot]
+                finished.append((slot, self._out(item, item.max_new_tokens, "length", 1)))
+            else:
+                self.rows[slot] = (item, done + 1, 0)
+        return finished
+
+    def stop_row(self, slot: int, reason: FinishReason) -> CaptionOutput:
+        item, done, _ = self.rows.pop(slot)
+        return self._out(item, done, reason, 1)
+
+    @staticmethod
+    def _out(item: PreparedInput, tokens: int, why: FinishReason, n: int) -> CaptionOutput:
+        return CaptionOutput(f"row {item.tensors['tag']}", item.prompt_tokens, tokens, why, 0.0, n)
+
+
+@pytest.fixture()
+def make_runner() -> Iterator[Any]:
+    runners: list[SlotRunner] = []
+
+    def make(engine: FakeSlots) -> SlotRunner:
+        runner = SlotRunner(cast(SlotEngine, engine))
+        runner.start()
+        runners.append(runner)
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.stop(timeout=5)
+
+
+def test_more_rows_than_slots_all_finish_and_never_exceed_the_slots(make_runner: Any) -> None:
+    engine = FakeSlots(slots=3)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    futures = [runner.submit(row(i, tokens=2 + i % 5), far) for i in range(10)]
+    outputs = settle(runner, futures, timeout=10)
+    assert [o.text for o in outputs] == [f"row {i}" for i in range(10)]
+    assert engine.peak_live == 3
+
+
+def test_out_of_memory_in_prefill_halves_the_prefill_and_loses_no_row(make_runner: Any) -> None:
+    engine = FakeSlots(slots=8, oom_above=2)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    with runner._cond:  # all eight arrive before the model thread looks
+        futures = [runner.submit(row(i), far) for i in range(8)]
+    outputs = settle(runner, futures, timeout=10)
+    assert all(isinstance(o, CaptionOutput) for o in outputs), outputs
+    assert max(engine.prefills) <= 2
+    assert runner.prefill_cap <= 2
+
+
+def test_a_row_out_of_memory_even_alone_fails_and_the_rest_go_on(make_runner: Any) -> None:
+    engine = FakeSlots(slots=2)
+    runner = make_runner(engine)
+    engine.oom_above = -1  # every prefill fails: 0 rows is not "more than -1"
+    failing = runner.submit(row(0), time.monotonic() + 30)
+    got = settle(runner, [failing], timeout=10)[0]
+    assert isinstance(got, CaptionFailed) and "out of memory" in str(got)
+    engine.oom_above = 0
+    assert isinstance(
+        settle(runner, [runner.submit(row(1), time.monotonic() + 30)])[0], CaptionOutput
+    )
+
+
+class Suspect:
+    """A crash guard whose task already killed a worker once."""
+
+    suspect = True
+    entered = 0
+
+    def enter(self) -> None:
+        self.entered += 1
+
+    def exit(self) -> None:
+        pass
+
+
+def test_a_suspect_row_runs_with_no_other_row_beside_it(make_runner: Any) -> None:
+    engine = FakeSlots(slots=4)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    guard = Suspect()
+    with runner._cond:  # all five arrive before the model thread looks
+        before = [runner.submit(row(i, tokens=4), far) for i in range(2)]
+        suspect = runner.submit(row(SUSPECT_TAG, tokens=4), far, guard)
+        after = [runner.submit(row(i, tokens=4), far) for i in range(3, 5)]
+    outputs = settle(runner, [*before, suspect, *after], timeout=10)
+    assert all(isinstance(o, CaptionOutput) for o in outputs), outputs
+    assert guard.entered == 1
+    assert engine.live_beside_suspect == {1}  # it never shared a step
+    assert engine.prefills == [2, 1, 2]
