@@ -5,10 +5,11 @@
 #   scripts/gpu-bench.sh wheels      # on a machine with PyPI access: fetch wheels into .whl/
 #   scripts/gpu-bench.sh run [8b]    # on the GPU host, in the repository root
 #
-# "run" installs the carried wheels into /tmp/site and prints the JSON report of
-# `caption-worker bench --mode engine`: Qwen3-VL random weights of the given shape,
-# SDNQ uint4 + SVD r32, 1024x1024 images, 128 generated tokens, one image per call against
-# batches of 32. The whole-path mode needs Redis and S3 there too, so it is not run.
+# "run" installs the carried wheels into /tmp/site and prints the JSON reports of
+# `caption-worker bench --mode engine` (also written to $OUT): Qwen3-VL random weights of the
+# given shape, SDNQ uint4 + SVD r32, 1024x1024 images, 128 generated tokens, one image at a
+# time against 32 at once, for the generate engine and for the slot engine with each weight
+# form (sdnq, bf16, int8). The whole-path mode needs Redis and S3 there too; not run here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +26,16 @@ run)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python3 -m worker.cli bench --mode engine --random-shape "$shape" \
-        --image-px 1024 --new-tokens 128 --tasks 64 --max-batch 32
+    out="${OUT:-/tmp}"
+    # One random model of the shape, built once; then each engine and weight form on it,
+    # each run bounded so one slow form cannot spend the whole device budget.
+    for run in "generate sdnq" "slots sdnq" "slots bf16" "slots int8"; do
+        set -- $run
+        timeout "${RUN_LIMIT_S:-150}" python3 -m worker.cli bench --mode engine \
+            --random-shape "$shape" --models-dir /tmp/bench-models --engine "$1" \
+            --weights "$2" --image-px 1024 --new-tokens 128 --tasks 64 --max-batch 32 \
+            --json-out "$out/bench-$shape-$1-$2.json" || echo "run $run: exit $?"
+    done
     ;;
 *)
     sed -n 2,12p "$0"

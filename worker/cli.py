@@ -184,15 +184,30 @@ def bench(
         typer.Option(help="4b, 8b, 32b (GPU) or tiny-test: random weights of that shape."),
     ] = None,
     engine: Annotated[str, typer.Option(help="generate or slots.")] = "generate",
+    weights: Annotated[str, typer.Option(help="sdnq, bf16 or int8.")] = "sdnq",
     mixed: Annotated[
         bool, typer.Option(help="Caption lengths cycle through 1/8, 1/4, 1/2, 1 of --new-tokens.")
     ] = False,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Keep the benchmark model here; reuse it when present.")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option(help="Also write the figures here.")] = None,
 ) -> None:
     """Measure images/s one-at-a-time against batched, engine-only and through the queue."""
     from worker.devtools.bench import BenchConfig, run_bench
 
-    config = BenchConfig(mode, tasks, max_batch, new_tokens, image_px, random_shape, engine, mixed)
+    config = BenchConfig(
+        mode,
+        tasks,
+        max_batch,
+        new_tokens,
+        image_px,
+        random_shape,
+        engine,
+        weights,
+        mixed,
+        models_dir,
+    )
     report = run_bench(config)
     _print_json(report)
     if json_out is not None:

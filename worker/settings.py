@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # generate: one Hugging Face generate() per batch. slots: continuous batching, rows join
     # and leave between decode steps over a static KV cache.
     engine: Literal["generate", "slots"] = "generate"
+    # How SDNQ weights are served: as stored (least memory), dequantized once to
+    # CAPTION_DTYPE ("bf16"), or re-quantized to int8 with quantized matmul.
+    weights: Literal["sdnq", "bf16", "int8"] = "sdnq"
     slots: int | None = Field(None, ge=1, le=1_024)  # rows decoding together; default max_batch
     slot_tokens: int | None = Field(None, ge=64)  # KV capacity per slot; default from limits
 

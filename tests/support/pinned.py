@@ -43,6 +43,8 @@ STABLE = {
         "weights_dtype": "uint4",
         "use_svd": True,
         "svd_rank": 8,
+        # Added with weight forms (a contract addition): which form served the caption.
+        "served_as": "sdnq",
     },
     "dtype": "float32",
 }

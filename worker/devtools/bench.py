@@ -41,7 +41,9 @@ class BenchConfig:
     image_px: int = 256
     random_shape: str | None = None  # 4b | 8b | 32b (GPU), else the tiny model
     engine: str = "generate"  # generate | slots
+    weights: str = "sdnq"  # sdnq | bf16 | int8
     mixed: bool = False  # caption lengths cycle through 1/8, 1/4, 1/2 and all of new_tokens
+    models_dir: Path | None = None  # keep the benchmark model here and reuse it
 
 
 def machine() -> dict[str, Any]:
@@ -89,6 +91,11 @@ def _images(count: int, side: int) -> list[bytes]:
 
 
 def _model_dir(config: BenchConfig, workdir: Path, gpu: bool) -> Path:
+    if config.models_dir is not None:  # built once, reused by later runs
+        workdir = config.models_dir
+        kept = workdir / (f"random-{config.random_shape}" if config.random_shape else "tiny-model")
+        if (kept / "config.json").exists():
+            return kept
     if config.random_shape is None:
         from worker.devtools.tiny_model import build_tiny_model
 
@@ -112,6 +119,7 @@ def _settings(config: BenchConfig, model_dir: Path, gpu: bool) -> Settings:
         min_pixels=min(pixels, 65_536),
         max_new_tokens_limit=max(config.new_tokens, 1),
         engine=config.engine,
+        weights=config.weights,
         max_batch=config.max_batch,
         # The benchmark models loop by construction; lengths must stay what was asked.
         repetition_span=0,
@@ -206,7 +214,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         raise SystemExit("--random-shape 4b|8b|32b needs a CUDA GPU (tiny-test runs anywhere)")
     report: dict[str, Any] = {
         "machine": machine(),
-        "config": {**config.__dict__},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()},
         "model": config.random_shape or "tiny (random, SDNQ uint4+SVD)",
     }
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:

@@ -66,6 +66,7 @@ def bench_path(
                 "CAPTION_MIN_PIXELS": str(settings.min_pixels),
                 "CAPTION_LOG_LEVEL": "WARNING",
                 "CAPTION_ENGINE": settings.engine,
+                "CAPTION_WEIGHTS": settings.weights,
                 "CAPTION_REPETITION_SPAN": str(settings.repetition_span),
                 "CAPTION_SLOTS": str(config.max_batch),
                 "SDNQ_USE_TORCH_COMPILE": os.environ.get("SDNQ_USE_TORCH_COMPILE", "0"),

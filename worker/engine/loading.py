@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from worker.engine.base import ModelInfo
 from worker.engine.catalogue import resolve_model
-from worker.errors import ModelLoadError
+from worker.engine.weights import check_fit, convert
+from worker.errors import CaptionError, ModelLoadError
 from worker.settings import Settings
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+ACTIVATION_MARGIN_BYTES = 2 * 2**30
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -83,8 +86,19 @@ def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
             from sdnq.loader import apply_sdnq_options_to_model
 
             model = apply_sdnq_options_to_model(model, use_quantized_matmul=True)
+        quantization = _quantization(model)  # before a weight form drops the config
+        if quantization.get("quant_method") == "sdnq" and settings.weights != "sdnq":
+            dtype = _dtype(settings.dtype)
+            dtype_bytes = torch.empty((), dtype=dtype).element_size()
+            check_fit(model, settings.weights, dtype_bytes, reserve_bytes(model, settings))
+            model = convert(model, settings.weights, dtype)
+            quantization["served_as"] = settings.weights
+        elif quantization.get("quant_method") == "sdnq":
+            quantization["served_as"] = "sdnq"
         model.eval()  # type: ignore[no-untyped-call]
         processor = AutoProcessor.from_pretrained(resolved.source, **common)  # type: ignore[no-untyped-call]
+    except CaptionError:
+        raise
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(
             f"out of memory loading {resolved.name} ({settings.dtype}, memory_mode="
@@ -100,19 +114,10 @@ def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
         raise ModelLoadError(f"cannot load model {resolved.name}:{hint} {exc}") from None
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {resolved.name}: {exc!r}") from None
-    quant = getattr(model.config, "quantization_config", None)
-    quant_dict = quant if isinstance(quant, dict) else getattr(quant, "to_dict", dict)()
     provenance = {
         "model_source": resolved.source,
         "revision": getattr(model.config, "_commit_hash", None) or settings.revision,
-        "quantization": {
-            # quant_method is an Enum in transformers; results must stay plain JSON.
-            k: str(getattr(quant_dict[k], "value", quant_dict[k]))
-            if k == "quant_method"
-            else quant_dict[k]
-            for k in ("quant_method", "weights_dtype", "use_svd", "svd_rank")
-            if k in quant_dict
-        },
+        "quantization": quantization,
         "dtype": settings.dtype,
         "device": device,
         "versions": _versions(),
@@ -127,3 +132,29 @@ def load_model(settings: Settings) -> tuple[Any, Any, ModelInfo]:
         os.getpid(),
     )
     return model, processor, info
+
+
+def _quantization(model: Any) -> dict[str, Any]:
+    """The checkpoint's quantization, as plain JSON for results."""
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is None:
+        return {}
+    quant_dict = quant if isinstance(quant, dict) else getattr(quant, "to_dict", dict)()
+    return {
+        # quant_method is an Enum in transformers; results must stay plain JSON.
+        k: str(getattr(quant_dict[k], "value", quant_dict[k]))
+        if k == "quant_method"
+        else quant_dict[k]
+        for k in ("quant_method", "weights_dtype", "use_svd", "svd_rank")
+        if k in quant_dict
+    }
+
+
+def reserve_bytes(model: Any, settings: Settings) -> int:
+    """Device memory to keep free beyond the weights: the slot engine's KV cache (or one
+    batch's worth of it) and a margin for activations."""
+    text = model.config.text_config
+    dtype_bytes = 4 if settings.dtype == "float32" else 2
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * dtype_bytes
+    tokens = settings.slot_count * settings.slot_capacity
+    return int(per_token * tokens + ACTIVATION_MARGIN_BYTES)

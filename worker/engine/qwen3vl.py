@@ -33,12 +33,13 @@ class StaticKVCache:
     def __init__(self, model: Any, slots: int, capacity: int) -> None:
         text = model.model.language_model.config
         shape = (slots, text.num_key_value_heads, capacity, text.head_dim)
-        param = next(model.model.language_model.parameters())
-        dtype = param.dtype if param.dtype.is_floating_point else torch.bfloat16
+        # The embedding is never quantized: its dtype is the compute dtype, whatever form
+        # the linear layers' weights take.
+        param = model.model.language_model.embed_tokens.weight
         # Zeros, not empty: masked positions still enter the attention matmul, and 0 * NaN
         # would poison a row.
         self.keys = [
-            torch.zeros(shape, dtype=dtype, device=param.device)
+            torch.zeros(shape, dtype=param.dtype, device=param.device)
             for _ in range(text.num_hidden_layers)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
