@@ -52,11 +52,23 @@ class RowSampler:
             generator=generator,
         )
 
-    def next_token(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
-        """The next token from one row's logits (vocab,), given every token it has seen."""
+    @property
+    def needs_seen(self) -> bool:
+        """Whether choosing needs every token the row has seen (the repetition penalty)."""
+        penalty = self.options.repetition_penalty
+        return penalty is not None and penalty != 1.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the token is simply the argmax of the logits."""
+        return self.generator is None and not self.needs_seen
+
+    def next_token(self, logits: torch.Tensor, seen: torch.Tensor | None) -> int:
+        """The next token from one row's logits (vocab,); ``seen`` holds every token the row
+        has seen (prompt and generated) when ``needs_seen``."""
         scores = logits.float()
         penalty = self.options.repetition_penalty
-        if penalty is not None and penalty != 1.0:
+        if seen is not None and penalty is not None and penalty != 1.0:
             picked = scores.gather(0, seen)
             picked = torch.where(picked < 0, picked * penalty, picked / penalty)
             scores = scores.scatter(0, seen, picked)

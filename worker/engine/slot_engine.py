@@ -30,7 +30,7 @@ from worker.engine.sampling import RowSampler
 class _Row:
     item: PreparedInput
     sampler: RowSampler
-    seen: torch.Tensor  # prompt ids then generated ids, for the repetition penalty
+    prompt: list[int]  # prompt ids, for the repetition penalty
     length: int  # tokens in the cache
     rope_delta: int
     started: float = field(default_factory=time.perf_counter)
@@ -117,10 +117,10 @@ class SlotEngine:
             sampler = RowSampler.for_row(
                 item.options, self.base.model.generation_config, self._device
             )
-            prompt_ids = item.tensors["input_ids"][0].to(self._device)
+            prompt_ids = item.tensors["input_ids"][0].tolist()
             row = _Row(item, sampler, prompt_ids, first.length, first.rope_delta, started)
             self._rows[slot] = row
-            outputs.append(self._accept(slot, row, first.logits))
+            outputs.append(self._accept(slot, row, self._choose(row, first.logits)))
         for row in self._rows.values():
             row.peak_rows = max(row.peak_rows, self.live)
         return outputs
@@ -133,20 +133,30 @@ class SlotEngine:
         # each rounded up to a bucket so a few shapes repeat.
         n = _bucket(max(self._rows) + 1, self.slots, minimum=1)
         keys = _bucket(max(r.length for r in self._rows.values()) + 1, self.capacity, 256)
-        tokens = torch.full((n,), self._pad, dtype=torch.long, device=self._device)
-        lengths = torch.zeros(n, dtype=torch.long, device=self._device)
-        deltas = torch.zeros(n, dtype=torch.long, device=self._device)
+        tokens, lengths, deltas = [self._pad] * n, [0] * n, [0] * n
         for slot, row in self._rows.items():
-            tokens[slot] = row.generated[-1]
-            lengths[slot] = row.length
-            deltas[slot] = row.rope_delta
-        logits = decode_step(self.base.model, self.cache, tokens, lengths, deltas, keys)
+            tokens[slot], lengths[slot], deltas[slot] = (
+                row.generated[-1],
+                row.length,
+                row.rope_delta,
+            )
+        logits = decode_step(
+            self.base.model,
+            self.cache,
+            torch.tensor(tokens, device=self._device),
+            torch.tensor(lengths, device=self._device),
+            torch.tensor(deltas, device=self._device),
+            keys,
+        )
+        # Plain greedy rows (most traffic) share one argmax; the others choose on their own.
+        greedy = logits.argmax(-1).tolist()
         finished = []
         live = self.live
         for slot, row in list(self._rows.items()):
             row.length += 1
             row.peak_rows = max(row.peak_rows, live)
-            output = self._accept(slot, row, logits[slot])
+            token = greedy[slot] if row.sampler.plain_greedy else self._choose(row, logits[slot])
+            output = self._accept(slot, row, token)
             if output is not None:
                 finished.append((slot, output))
         return finished
@@ -156,10 +166,14 @@ class SlotEngine:
         row = self._rows.pop(slot)
         return self._output(row, row.generated, len(row.generated), reason)
 
-    def _accept(self, slot: int, row: _Row, logits: torch.Tensor) -> CaptionOutput | None:
-        token = row.sampler.next_token(logits, row.seen)
+    def _choose(self, row: _Row, logits: torch.Tensor) -> int:
+        seen = None
+        if row.sampler.needs_seen:
+            seen = torch.tensor(row.prompt + row.generated, device=logits.device)
+        return row.sampler.next_token(logits, seen)
+
+    def _accept(self, slot: int, row: _Row, token: int) -> CaptionOutput | None:
         row.generated.append(token)
-        row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
         if token in self._eos:
             del self._rows[slot]
             return self._output(row, row.generated[:-1], len(row.generated), "stop")
