@@ -261,8 +261,9 @@ def test_uncached_model_with_auto_download_off_stops_the_worker(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ["generate", "slots"])
 def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
-    stack: WorkerStack,
+    stack: WorkerStack, engine: str
 ) -> None:
     """A task that SIGKILLs its worker every time it runs.
 
@@ -270,7 +271,9 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
     visibility timeout, to the restarted worker. Delivery MAX_DELIVERIES + 1 fails it.
     Two ordinary tasks are sent together with it, and one more after it failed.
     """
-    supervisor = Supervisor(stack, max_restarts=MAX_DELIVERIES + 1)
+    supervisor = Supervisor(
+        stack, max_restarts=MAX_DELIVERIES + 1, extra={"CAPTION_ENGINE": engine}
+    )
     try:
         supervisor.start()
         started = time.monotonic()
@@ -307,8 +310,11 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
 
 
 @pytest.mark.timeout(180)
-def test_slow_caption_fails_with_caption_timeout_and_the_worker_goes_on(stack: WorkerStack) -> None:
-    with stack.worker(FAULT_STEP_DELAY_S="0.5") as worker:
+@pytest.mark.parametrize("engine", ["generate", "slots"])
+def test_slow_caption_fails_with_caption_timeout_and_the_worker_goes_on(
+    stack: WorkerStack, engine: str
+) -> None:
+    with stack.worker(FAULT_STEP_DELAY_S="0.5", CAPTION_ENGINE=engine) as worker:
         assert worker.proc is not None
         started = time.monotonic()
         # 400 steps of 0.5 s each cannot finish within the 6 s deadline.
@@ -333,7 +339,10 @@ def test_slow_caption_fails_with_caption_timeout_and_the_worker_goes_on(stack: W
 
 
 @pytest.mark.timeout(240)
-def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(stack: WorkerStack) -> None:
+@pytest.mark.parametrize("engine", ["generate", "slots"])
+def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(
+    stack: WorkerStack, engine: str
+) -> None:
     """A generate call that ignores deadlines (a stuck kernel).
 
     The task thread stops waiting DEADLINE_GRACE_S (5 s) after the deadline and fails the task
@@ -347,7 +356,9 @@ def test_hung_generate_times_out_and_the_watchdog_replaces_the_process(stack: Wo
     """
     hang_grace = DEADLINE_GRACE_S + 2
     supervisor = Supervisor(
-        stack, max_restarts=2, extra={"CAPTION_HANG_GRACE_S": f"{hang_grace:g}"}
+        stack,
+        max_restarts=2,
+        extra={"CAPTION_HANG_GRACE_S": f"{hang_grace:g}", "CAPTION_ENGINE": engine},
     )
     try:
         supervisor.start()

@@ -11,6 +11,10 @@ triggers a fault by putting a marker in its prompt:
 
 ``FAULT_OOM_ABOVE=N`` makes every generate call with more than N rows raise
 ``torch.OutOfMemoryError``, as CUDA does when a batch does not fit.
+
+With ``CAPTION_ENGINE=slots`` the same markers act on the slot engine: ``[kill]`` and
+``[hang]`` when the row is prefilled, ``[slow]`` on every decode step while the row is live,
+and ``FAULT_OOM_ABOVE`` on prefills of more rows.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from worker.engine.base import CaptionOutput, PreparedInput
+from worker.engine.base import CaptionEngine, CaptionOutput, FinishReason, PreparedInput
 from worker.engine.hf_generate import GenerateEngine
 from worker.engine.loading import load_model
 from worker.engine.repetition import RepetitionGuard
+from worker.engine.slot_engine import SlotEngine, _Row
 from worker.settings import Settings
 
 MARKERS = ("[slow]", "[hang]", "[kill]")
@@ -85,8 +90,42 @@ class FaultyEngine(GenerateEngine):
         return super()._generate(batch, **kwargs)
 
 
-def load_faulty_engine(settings: Settings) -> FaultyEngine:
+class FaultySlotEngine(SlotEngine):
+    """SlotEngine whose prefill and decode steps misbehave for rows that ask for it."""
+
+    base: FaultyEngine
+
+    def admit_many(self, rows: list[tuple[int, PreparedInput]]) -> list[CaptionOutput | None]:
+        import torch
+
+        oom_above = int(os.environ.get("FAULT_OOM_ABOVE", "0"))
+        if oom_above and len(rows) > oom_above:
+            raise torch.OutOfMemoryError(f"injected: prefill of {len(rows)} > {oom_above}")
+        found = self.base._found([item for _, item in rows])
+        if "[kill]" in found:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "[hang]" in found:
+            time.sleep(3600)
+        return super().admit_many(rows)
+
+    def step(self) -> list[tuple[int, CaptionOutput]]:
+        if "[slow]" in self.base._found([row.item for row in self._rows.values()]):
+            time.sleep(float(os.environ.get("FAULT_STEP_DELAY_S", "0.5")))
+        return super().step()
+
+    def _output(
+        self, row: _Row, kept: list[int], generated: int, reason: FinishReason
+    ) -> CaptionOutput:
+        self.base.markers.pop(id(row.item), None)  # ids are reused once a row is gone
+        return super()._output(row, kept, generated, reason)
+
+
+def load_faulty_engine(settings: Settings) -> CaptionEngine:
     """The production model, processor and provenance (``load_model``) behind the faulty
-    engine, with the repetition guard the worker's settings ask for."""
+    engine, with the repetition guard the worker's settings ask for; inside a faulty slot
+    engine when ``CAPTION_ENGINE=slots``."""
     guard = RepetitionGuard(settings.repetition_span, settings.repetition_max_cycle)
-    return FaultyEngine(*load_model(settings), repetition=guard)
+    engine = FaultyEngine(*load_model(settings), repetition=guard)
+    if settings.engine == "slots":
+        return FaultySlotEngine(engine, settings.slot_count, settings.slot_capacity)
+    return engine

@@ -48,6 +48,8 @@ def load_engine(settings: Settings) -> CaptionEngine:
     from worker.engine.hf_generate import GenerateEngine
     from worker.engine.slot_engine import SlotEngine
 
+    if isinstance(engine, SlotEngine):
+        return engine  # the factory built the slot engine itself (fault-injection tests)
     if not isinstance(engine, GenerateEngine):
         raise ConfigError(
             f"CAPTION_ENGINE=slots needs CAPTION_ENGINE_FACTORY ({settings.engine_factory}) "
