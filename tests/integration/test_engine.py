@@ -45,6 +45,7 @@ def test_loads_sdnq_weights_and_reports_provenance(
         "weights_dtype": "uint4",
         "use_svd": True,
         "svd_rank": 8,
+        "served_as": "sdnq",  # CAPTION_WEIGHTS: as stored
     }
     layer = engine.model.model.language_model.layers[0].mlp.up_proj
     assert type(layer).__name__ != "Linear"  # an SDNQ layer, not a plain nn.Linear
