@@ -115,3 +115,18 @@ def test_a_form_that_does_not_fit_the_gpu_is_refused_naming_need_and_alternative
     assert "CAPTION_WEIGHTS=int8" in message and "sdnq" in message
     check_fit(on_gpu, "bf16", 2, reserve_bytes=0)  # the tiny model itself fits in 64 MiB
     check_fit(on_gpu, "sdnq", 2, reserve_bytes=2**40)  # as stored: nothing to convert
+
+
+def test_a_refused_weight_form_stops_loading_with_its_own_message(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit check's ConfigError reaches the worker as is, not wrapped as a load error."""
+    import worker.engine.loading as loading
+    from worker.errors import ConfigError
+
+    def refuse(*_: object) -> None:
+        raise ConfigError("CAPTION_WEIGHTS=bf16 needs 99.0 GiB more on cuda:0")
+
+    monkeypatch.setattr(loading, "check_fit", refuse)
+    with pytest.raises(ConfigError, match=r"needs 99\.0 GiB more"):
+        load_engine(settings(tiny_model_dir, "bf16"))

@@ -155,17 +155,7 @@ def test_a_refused_request_leaves_no_delivery_counter(stack: WorkerStack) -> Non
 
 def test_a_finished_task_leaves_only_its_result_in_redis(stack: WorkerStack) -> None:
     """Counters and the client's QUEUED marker go once the outcome is stored."""
-    from worker.client import CaptionClient
-    from worker.settings import Settings
-
-    env = stack.env()
-    client = CaptionClient(
-        Settings(
-            broker_url=env["CAPTION_BROKER_URL"],
-            result_backend=env["CAPTION_RESULT_BACKEND"],
-            queue=stack.queue,
-        )
-    )
+    client = stack.client()
     try:
         ok = client.submit(stack.upload("counted.png"), max_new_tokens=2)
         missing = client.submit(f"s3://{stack.bucket}/no/such.png", max_new_tokens=2)

@@ -28,7 +28,6 @@ from worker.client import CaptionClient, TaskStatus
 from worker.devtools.loopback import LoopbackS3
 from worker.devtools.processes import WorkerProcess
 from worker.queue.keys import QUEUED_KEY, RESULT_META_KEY
-from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,15 +64,7 @@ def results(
     ) as stack:
         image = stack.upload("cat.png")
         stack.task_defaults["image"] = image
-        env = stack.env()
-        client = CaptionClient(
-            Settings(
-                broker_url=env["CAPTION_BROKER_URL"],
-                result_backend=env["CAPTION_RESULT_BACKEND"],
-                queue=stack.queue,
-                result_expires_s=RESULT_EXPIRES_S,
-            )
-        )
+        client = stack.client(result_expires_s=RESULT_EXPIRES_S)
         try:
             # No worker consumes the queue yet.
             queued_id = client.submit(image, max_new_tokens=4)

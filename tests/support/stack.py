@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 
 from tests.support.images import png_bytes
 from tests.support.waits import READY_TIMEOUT_S
+from worker.client import CaptionClient
 from worker.devtools.loopback import LoopbackS3
 from worker.devtools.processes import WorkerProcess
 from worker.devtools.redis_server import RedisServer
@@ -204,6 +205,18 @@ class WorkerStack:
     def start_worker(self, name: str | None = None, **extra: str) -> WorkerProcess:
         """A worker process, started and ready (model loaded, consumer connected)."""
         return self.worker(name, **extra).start().wait_ready(READY_TIMEOUT_S)
+
+    def client(self, **settings: Any) -> CaptionClient:
+        """The bundled producer client on this stack's broker, backend and queue."""
+        env = self.env()
+        return CaptionClient(
+            Settings(
+                broker_url=env["CAPTION_BROKER_URL"],
+                result_backend=env["CAPTION_RESULT_BACKEND"],
+                queue=self.queue,
+                **settings,
+            )
+        )
 
     def send(self, task_id: str | None = None, **kwargs: Any) -> AsyncResult:
         """Queue one caption task as a producer would (``task_defaults`` under ``kwargs``)."""

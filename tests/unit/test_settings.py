@@ -64,6 +64,28 @@ def test_min_pixels_above_max_pixels_is_refused(monkeypatch: pytest.MonkeyPatch)
         load_settings()
 
 
+@pytest.mark.parametrize(("span", "cycle"), [("10", "8"), ("1", "1")])
+def test_a_repetition_span_shorter_than_two_cycles_is_refused(
+    monkeypatch: pytest.MonkeyPatch, span: str, cycle: str
+) -> None:
+    monkeypatch.setenv("CAPTION_REPETITION_SPAN", span)
+    monkeypatch.setenv("CAPTION_REPETITION_MAX_CYCLE", cycle)
+    with pytest.raises(ConfigError, match="CAPTION_REPETITION_SPAN"):
+        load_settings()
+
+
+def test_a_repetition_span_of_zero_turns_the_guard_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPTION_REPETITION_SPAN", "0")
+    assert load_settings().repetition_span == 0
+
+
+def test_slot_defaults_follow_the_batch_and_pixel_limits() -> None:
+    settings = Settings(max_batch=12, max_pixels=1_048_576, max_new_tokens_limit=4096)
+    assert (settings.slot_count, settings.slot_capacity) == (12, 1024 + 512 + 1024)
+    assert Settings(slots=3, slot_tokens=700).slot_count == 3
+    assert Settings(slots=3, slot_tokens=700).slot_capacity == 700
+
+
 def test_visibility_timeout_must_exceed_deadline_grace_and_margin() -> None:
     short = Settings(task_deadline_s=600, visibility_margin_s=60, visibility_timeout_s=665)
     with pytest.raises(ConfigError, match="CAPTION_VISIBILITY_TIMEOUT_S"):

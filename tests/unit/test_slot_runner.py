@@ -21,6 +21,7 @@ class FakeOOM(Exception):
 
 
 SUSPECT_TAG = 9
+BROKEN_TAG = 13
 
 
 def row(tag: int, tokens: int = 3, prompt: int = 10) -> PreparedInput:
@@ -58,9 +59,13 @@ class FakeSlots:
         return item.prompt_tokens + item.max_new_tokens <= self.capacity
 
     def run_alone(self, item: PreparedInput, deadline: float | None) -> CaptionOutput:
+        if item.tensors["tag"] == BROKEN_TAG:
+            raise ValueError("this input breaks the model")
         return self._out(item, item.max_new_tokens, "length", 1)
 
     def admit_many(self, rows: list[tuple[int, PreparedInput]]) -> list[CaptionOutput | None]:
+        if any(item.tensors["tag"] == BROKEN_TAG for _, item in rows):
+            raise ValueError("this input breaks the model")
         if self.oom_above and len(rows) > self.oom_above:
             raise FakeOOM(f"{len(rows)} rows")
         self.prefills.append(len(rows))
@@ -168,3 +173,29 @@ def test_a_suspect_row_runs_with_no_other_row_beside_it(make_runner: Any) -> Non
     assert guard.entered == 1
     assert engine.live_beside_suspect == {1}  # it never shared a step
     assert engine.prefills == [2, 1, 2]
+
+
+def test_a_row_that_breaks_prefill_fails_alone_and_its_group_is_captioned(
+    make_runner: Any,
+) -> None:
+    engine = FakeSlots(slots=4)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    with runner._cond:  # all three are prefilled as one group
+        futures = [runner.submit(row(tag), far) for tag in (1, BROKEN_TAG, 2)]
+    good, broken, other = settle(runner, futures, timeout=10)
+    assert isinstance(broken, CaptionFailed)
+    assert "this input breaks the model" in str(broken)
+    assert (good.text, other.text) == ("row 1", "row 2")
+    assert runner.is_alive()
+
+
+def test_a_row_too_long_for_a_slot_that_breaks_generate_fails_typed(make_runner: Any) -> None:
+    engine = FakeSlots(slots=2, capacity=20)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    long_broken = runner.submit(row(BROKEN_TAG, tokens=30), far)
+    long_fine = runner.submit(row(3, tokens=30), far)
+    broken, fine = settle(runner, [long_broken, long_fine], timeout=10)
+    assert isinstance(broken, CaptionFailed) and "this input breaks the model" in str(broken)
+    assert isinstance(fine, CaptionOutput) and fine.text == "row 3"

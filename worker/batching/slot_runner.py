@@ -76,6 +76,7 @@ class SlotRunner(ModelThread):
             return []  # a suspect row runs with nothing beside it
         room = min(len(self._engine.free_slots()), self.row_cap - len(self._live), self.prefill_cap)
         taken: list[PendingRow] = []
+        slotted = 0  # taken rows that will occupy a slot (the rest run alone)
         kept: deque[PendingRow] = deque()
         while self._pending:
             entry = self._pending.popleft()
@@ -90,12 +91,13 @@ class SlotRunner(ModelThread):
                 kept.append(entry)
                 break
             fits = self._engine.fits(entry.item)
-            if fits and sum(self._engine.fits(t.item) for t in taken) >= room:
+            if fits and slotted >= room:
                 kept.append(entry)
                 continue
             # A row put back after an out-of-memory is already running.
             if entry.future.running() or entry.future.set_running_or_notify_cancel():
                 taken.append(entry)
+                slotted += fits
                 if entry.suspect:
                     break
         kept.extend(self._pending)
@@ -104,13 +106,14 @@ class SlotRunner(ModelThread):
 
     def _admit(self, entries: list[PendingRow]) -> None:
         """Prefill the rows that fit a slot, in groups of similar length; run the rest alone."""
-        fitting = sorted(
-            (e for e in entries if self._engine.fits(e.item)), key=lambda e: e.prompt_tokens
-        )
+        fitting: list[PendingRow] = []
         for entry in entries:
-            if not self._engine.fits(entry.item):
+            if self._engine.fits(entry.item):
+                fitting.append(entry)
+            else:
                 log.info("a row of %d tokens runs alone", entry.item.prompt_tokens)
                 self._run_alone(entry)
+        fitting.sort(key=lambda e: e.prompt_tokens)
         group: list[PendingRow] = []
         for entry in fitting:
             # Bound the padding a left-padded prefill batch wastes, as the batcher does.
