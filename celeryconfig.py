@@ -36,6 +36,11 @@ result_expires = _s.result_expires_s
 
 # One worker process per GPU runs many task threads; each reserves only what it runs,
 # so idle messages stay in Redis where another worker (or autoscaler) can see them.
+# Task events, so Flower and celery-exporter see every task without switching events on
+# remotely; a listen-only monitor sees them too. Redis carries them over pub/sub (no keys).
+worker_send_task_events = True
+task_send_sent_event = True
+
 worker_pool = "threads"
 worker_concurrency = _s.task_threads
 worker_prefetch_multiplier = 1
@@ -56,7 +61,9 @@ _redis_transport: dict[str, Any] = {
     "health_check_interval": 10,
     "retry_on_timeout": True,
 }
-broker_transport_options = _redis_transport
+# With RabbitMQ, a dead worker's unacknowledged messages return when its connection drops;
+# none of the Redis transport's options apply.
+broker_transport_options = _redis_transport if _s.broker_is_redis else {}
 result_backend_transport_options = {"retry_policy": {"timeout": 30.0}}
 # A Redis restart must not lose a finished caption: keep retrying the result write.
 result_backend_always_retry = True

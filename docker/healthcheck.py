@@ -7,10 +7,11 @@ through the broker. A node answers only once its model has loaded and warmed up 
 loads before the consumer starts), so this doubles as a readiness check; during the load it
 fails, which is what Docker's start period and Kubernetes' startupProbe are for.
 
-When CAPTION_READY_FILE is set (the image sets it), a missing file answers "not ready" at
-once without touching the broker: the worker writes it after the warm-up caption and removes
-it at shutdown. The file alone is not enough (a process killed outright leaves it behind when
-Docker restarts the same container), so when it exists the ping still decides.
+When CAPTION_READY_FILE is set (the image sets it), each worker process writes its own file
+(``<file>.gpuN`` or ``<file>.cpu``) after the warm-up caption and removes it when a shutdown
+begins; a missing one answers "not ready" at once without touching the broker. The files
+alone are not enough (a process killed outright leaves its file behind when Docker restarts
+the same container), so when they exist the ping still decides.
 
 The node names come from ``caption-worker worker --dry-run``, the same code that names the
 workers, so this check cannot drift from the worker command. A plain "is the process alive"
@@ -36,8 +37,9 @@ import sys
 EX_HEALTHY, EX_UNHEALTHY = 0, 1
 
 
-def node_names() -> list[str]:
-    """The worker nodes this container runs, with %h expanded as Celery expands it."""
+def planned_workers() -> list[tuple[str, str | None]]:
+    """(node name with %h expanded as Celery expands it, its ready file or None) for each
+    worker process this container runs."""
     from celery.utils.nodenames import host_format
 
     out = subprocess.run(
@@ -47,30 +49,39 @@ def node_names() -> list[str]:
         timeout=60,
         check=True,
     ).stdout
-    nodes = []
+    planned = []
     for line in out.splitlines():
         args = line.split()
         if "--hostname" in args:
-            nodes.append(host_format(args[args.index("--hostname") + 1]))
-    return nodes
+            # Each process gets its own ready file (CAPTION_READY_FILE=<file>.gpuN), printed
+            # among the environment assignments that start the line.
+            ready = next(
+                (a.split("=", 1)[1] for a in args if a.startswith("CAPTION_READY_FILE=")), None
+            )
+            planned.append((host_format(args[args.index("--hostname") + 1]), ready))
+    return planned
 
 
 def main(argv: list[str]) -> int:
     liveness = "--liveness" in argv
     timeout = float(os.environ.get("HEALTHCHECK_PING_TIMEOUT_S", "10"))
-    ready_file = os.environ.get("CAPTION_READY_FILE")
-    if ready_file and not liveness and not os.path.exists(ready_file):
-        print(f"unhealthy: {ready_file} is missing (model not loaded yet, or shutting down)")
-        return EX_UNHEALTHY
     try:
-        nodes = node_names()
+        planned = planned_workers()
     except subprocess.CalledProcessError as exc:
         # A configuration error: the worker refuses to start with it too.
         print(f"unhealthy: caption-worker worker --dry-run failed: {exc.stderr.strip()}")
         return EX_UNHEALTHY
-    if not nodes:
+    if not planned:
         print("unhealthy: caption-worker worker --dry-run named no worker node")
         return EX_UNHEALTHY
+    missing_files = [f for _, f in planned if f and not os.path.exists(f)]
+    if missing_files and not liveness:
+        print(
+            f"unhealthy: {', '.join(missing_files)} missing "
+            "(model not loaded yet, or shutting down)"
+        )
+        return EX_UNHEALTHY
+    nodes = [node for node, _ in planned]
 
     from kombu.exceptions import OperationalError
 

@@ -44,7 +44,13 @@ def worker(
     except CaptionError as exc:
         raise _fail(exc, 2) from None
     devices = [g for g in gpus.split(",") if g] if gpus is not None else visible_gpus()
-    plans = plan_workers(devices, settings.queue, settings.log_level)
+    plans = plan_workers(
+        devices,
+        settings.queue,
+        settings.log_level,
+        metrics_port=settings.metrics_port,
+        ready_file=settings.ready_file,
+    )
     if dry_run:
         for plan in plans:
             typer.echo(plan.shell())
@@ -140,6 +146,72 @@ def models() -> None:
         )
 
 
+@app.command()
+def doctor(
+    object_uri: Annotated[
+        str | None,
+        typer.Option("--object", help="s3://bucket/key the worker must be able to read."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list of {check, status, message}.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds each network check may take.")
+    ] = 3.0,
+) -> None:
+    """Check this host before starting workers: broker, results, S3, model, GPU, settings.
+
+    One line per check (OK, WARN, FAIL or SKIP); exits 1 if any check FAILs.
+    """
+    from worker.ops.doctor import DoctorOptions, diagnose, exit_code, format_json, format_text
+
+    results = diagnose(DoctorOptions(object_uri, timeout))
+    typer.echo(format_json(results) if json_output else format_text(results))
+    raise typer.Exit(exit_code(results))
+
+
+@app.command()
+def exporter(
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            metavar="NAME",
+            help="Queue to report; repeat for more (default CAPTION_QUEUE).",
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65_535, help="Port of /metrics.")] = 9640,
+    sample: Annotated[
+        int, typer.Option(min=1, help="Waiting messages costed per queue and scrape.")
+    ] = 1_000,
+    tokens_per_second: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="One worker's generated tokens/s while no worker reports one "
+            "(default 100; see docs/exporter.md).",
+        ),
+    ] = None,
+) -> None:
+    """Serve queue depth and queued GPU work for autoscaling on /metrics (one per deployment).
+
+    Reads the Redis broker (CAPTION_BROKER_URL) at every scrape.
+    """
+    from worker.ops.exporter import DEFAULT_TOKENS_PER_SECOND, ExporterOptions, run_exporter
+
+    try:
+        settings = load_settings()
+        options = ExporterOptions(
+            queues=tuple(dict.fromkeys(queue or [settings.queue])),
+            port=port,
+            sample=sample,
+            tokens_per_second=tokens_per_second or DEFAULT_TOKENS_PER_SECOND,
+        )
+        raise typer.Exit(run_exporter(settings, options))
+    except CaptionError as exc:  # settings, a broker that is not Redis, a taken port
+        raise _fail(exc, 2) from None
+
+
 @app.command("tiny-model")
 def tiny_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the model.")],
@@ -192,6 +264,9 @@ def bench(
         Path | None, typer.Option(help="Keep the benchmark model here; reuse it when present.")
     ] = None,
     json_out: Annotated[Path | None, typer.Option(help="Also write the figures here.")] = None,
+    single: Annotated[
+        bool, typer.Option(help="Also measure one image at a time (the batching speedup).")
+    ] = True,
 ) -> None:
     """Measure images/s one-at-a-time against batched, engine-only and through the queue."""
     from worker.devtools.bench import BenchConfig, run_bench
@@ -207,11 +282,109 @@ def bench(
         weights,
         mixed,
         models_dir,
+        single,
     )
     report = run_bench(config)
     _print_json(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+bulk_app = typer.Typer(
+    help="Bulk runs: caption every image under an S3 prefix or in a manifest (docs/bulk.md).",
+    no_args_is_help=True,
+)
+app.add_typer(bulk_app, name="bulk")
+
+
+@bulk_app.command("submit")
+def bulk_submit(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="s3://bucket/prefix/, or a .txt / .jsonl manifest (local path or s3://)."
+        ),
+    ],
+    out: Annotated[str, typer.Option(help="s3://bucket/prefix: runs go beneath it.")],
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GLOB",
+            help="Keys to take, relative to the prefix; repeat (default: image extensions).",
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(metavar="GLOB", help="Keys to leave out; repeat.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Instruction for the model.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Caption length cap.")] = None,
+    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy.")] = False,
+    temperature: Annotated[float | None, typer.Option(help="With --do-sample.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="With --do-sample.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="With --do-sample.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option(help="With --do-sample.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Pixel budget per image.")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Items per shard.")] = 1_000,
+    sidecars: Annotated[
+        str, typer.Option(help="none, next-to-image or s3://bucket/prefix.")
+    ] = "none",
+    if_exists: Annotated[
+        str, typer.Option(help="skip (what earlier runs captioned) or overwrite.")
+    ] = "skip",
+    queue: Annotated[str, typer.Option(help="Queue of the shard tasks.")] = "captions-bulk",
+    dry_run: Annotated[bool, typer.Option(help="Plan and count; write nothing.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Plan a bulk run: list the source, skip what is done, write inputs/ and run.json.
+
+    Prints the run id, or one JSON object with --json. Nothing is enqueued yet.
+    """
+    import sys
+
+    from worker.bulk.plan import BulkOptions, plan_run
+
+    arguments = {
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample or None,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+        "max_pixels": max_pixels,
+    }
+    options = BulkOptions(
+        source=source,
+        out=out,
+        include=tuple(include) if include else None,
+        exclude=tuple(exclude or ()),
+        arguments={name: value for name, value in arguments.items() if value is not None},
+        shard_size=shard_size,
+        sidecars=sidecars,
+        if_exists=if_exists,
+        queue=queue,
+        argv=("caption-worker", *sys.argv[1:]),
+        dry_run=dry_run,
+    )
+    try:
+        summary = plan_run(load_settings(), options)
+    except CaptionError as exc:  # refused or failed: nothing enqueued
+        raise _fail(exc, 1 if exc.retryable else 2) from None
+    if json_output:
+        typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
+    elif dry_run:
+        for name, value in summary.to_json().items():
+            typer.echo(f"{name}: {value}")
+    if not dry_run:
+        typer.echo(
+            "note: the run is planned in S3, but execution of bulk runs by workers is not "
+            "available yet; nothing was enqueued",
+            err=True,
+        )
+        if not json_output:
+            typer.echo(summary.run_id)
 
 
 def main() -> None:

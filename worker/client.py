@@ -3,11 +3,13 @@
 Only Celery and the broker/backend URLs are needed; this module never loads a model.
 A producer in another codebase can do the same with ``Celery(...).send_task("caption",
 kwargs=...)``; ``submit`` additionally records that the id was queued, so ``status`` can
-tell a task still waiting in the queue from an id nobody ever sent.
+tell a task still waiting in the queue from an id nobody ever sent, and stamps the message
+with its send time (``SENT_AT_HEADER``), from which workers measure queue wait.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,10 @@ from celery.result import AsyncResult
 from worker.contract import TASK_NAME
 from worker.queue.keys import QUEUED_KEY
 from worker.settings import Settings
+
+#: Message header: when the producer sent the task, in seconds since the Unix epoch (a JSON
+#: number). Workers observe ``caption_queue_wait_seconds`` from it; see docs/contract.md.
+SENT_AT_HEADER = "caption_sent_at"
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,9 @@ class CaptionClient:
             accept_content=["json"],
             result_expires=settings.result_expires_s,
             broker_connection_retry_on_startup=True,
+            # A task-sent event, so monitors (Flower, celery-exporter) count tasks from the
+            # moment they are queued, not only once a worker takes them.
+            task_send_sent_event=True,
         )
 
     def submit(self, image: str, **options: Any) -> str:
@@ -62,6 +71,7 @@ class CaptionClient:
                 kwargs={"image": image, **options},
                 queue=self.settings.queue,
                 task_id=task_id,
+                headers={SENT_AT_HEADER: time.time()},
             )
         except BaseException:
             if client is not None:

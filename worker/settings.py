@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3_600, ge=5)
     # How often a Redis worker looks for unacknowledged tasks of dead workers to restore.
     unacked_restore_interval_s: float = Field(10.0, gt=0)
+    # Redis broker: each worker beats this often; a worker silent for WORKER_DEAD_AFTER_S is
+    # dead and a live worker hands its deliveries back to the queue at once, instead of
+    # after the visibility timeout.
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    # RabbitMQ broker: the server's consumer_timeout (30 minutes unless rabbitmq.conf says
+    # otherwise). A delivery unacknowledged that long closes the worker's channel and the
+    # task runs again elsewhere, so every task must end well within it.
+    amqp_consumer_timeout_s: int = Field(1_800, ge=5)
+    worker_dead_after_s: float = Field(20.0, gt=0)
     # Path to CA bundle for rediss:// URLs; certificates are always verified.
     redis_ca_certs: str | None = None
 
@@ -90,6 +99,9 @@ class Settings(BaseSettings):
 
     # Images and storage.
     allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
+    # Buckets bulk runs may write (run files, sidecars); parsed like allowed_buckets, and
+    # empty allows any.
+    output_buckets: Annotated[tuple[str, ...], NoDecode] = ()
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_decoded_pixels: int = Field(100_000_000, ge=1)
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
@@ -104,7 +116,12 @@ class Settings(BaseSettings):
     # removed at shutdown: a readiness probe for orchestrators (``test -f``).
     ready_file: str | None = None
 
-    @field_validator("allowed_buckets", mode="before")
+    # Operations.
+    # Port of the process's /metrics, /healthz and /readyz server (all interfaces); 0 turns
+    # it off. `caption-worker worker` gives GPU process i the port metrics_port + i.
+    metrics_port: int = Field(9330, ge=0, le=65_535)
+
+    @field_validator("allowed_buckets", "output_buckets", mode="before")
     @classmethod
     def _split_buckets(cls, value: object) -> object:
         if isinstance(value, str):
@@ -112,9 +129,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_pixels(self) -> Self:
+    def _check_together(self) -> Self:
         if self.min_pixels > self.max_pixels:
             raise ValueError("CAPTION_MIN_PIXELS must not exceed CAPTION_MAX_PIXELS")
+        if self.worker_dead_after_s < 3 * self.heartbeat_interval_s:
+            raise ValueError(
+                "CAPTION_WORKER_DEAD_AFTER_S must be at least three times "
+                "CAPTION_HEARTBEAT_INTERVAL_S, so one late beat does not declare a worker dead"
+            )
         if 0 < self.repetition_span < 2 * self.repetition_max_cycle:
             raise ValueError(
                 "CAPTION_REPETITION_SPAN must be 0 (off) or at least twice "
@@ -140,11 +162,25 @@ class Settings(BaseSettings):
         """Task threads per worker: enough to fill a batch while the next one downloads."""
         return self.concurrency or self.max_batch + 4
 
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the broker is Redis (visibility timeout, heartbeat recovery apply)."""
+        return self.broker_url.startswith(("redis://", "rediss://", "unix://"))
+
     def check_visibility_timeout(self) -> None:
-        """Refuse a Redis visibility timeout that would let a long task run twice."""
-        if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            return
+        """Refuse a broker timeout that would let a long task run twice: Redis' visibility
+        timeout, or RabbitMQ's consumer timeout."""
         needed = self.task_deadline_s + DEADLINE_GRACE_S + self.visibility_margin_s
+        if self.broker_url.startswith("amqp") and self.amqp_consumer_timeout_s <= needed:
+            raise ConfigError(
+                f"CAPTION_AMQP_CONSUMER_TIMEOUT_S={self.amqp_consumer_timeout_s} (RabbitMQ's "
+                f"consumer_timeout) must exceed CAPTION_TASK_DEADLINE_S + {DEADLINE_GRACE_S:g}s "
+                f"grace + CAPTION_VISIBILITY_MARGIN_S = {needed:g}: otherwise RabbitMQ closes "
+                "the worker's channel under a running task and hands it to a second worker; "
+                "raise consumer_timeout in rabbitmq.conf (and this setting) or lower the deadline"
+            )
+        if not self.broker_is_redis:
+            return
         if self.visibility_timeout_s <= needed:
             raise ConfigError(
                 f"CAPTION_VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} must exceed "

@@ -107,6 +107,7 @@ class Recording:
     def __init__(self, engine: GenerateEngine) -> None:
         self.engine = engine
         self.sizes: list[int] = []
+        self.seconds: list[float] = []  # each generate call's duration
         self.oom_sizes: list[int] = []
         self.failed_sizes: list[int] = []
 
@@ -121,6 +122,7 @@ class Recording:
         self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
     ) -> list[CaptionOutput]:
         self.sizes.append(len(batch))
+        started = time.perf_counter()
         try:
             return self.engine.generate(batch, deadlines)
         except self.engine.oom_errors:
@@ -129,6 +131,8 @@ class Recording:
         except Exception:
             self.failed_sizes.append(len(batch))
             raise
+        finally:
+            self.seconds.append(time.perf_counter() - started)
 
 
 def test_alone_captions_tell_images_and_prompts_apart(alone: dict[Key, CaptionOutput]) -> None:
@@ -283,3 +287,34 @@ def test_service_burst_with_an_undecodable_image_captions_the_rest(
         assert (out["text"], out["generated_tokens"]) == (ref.text, MAX_NEW), index
         assert out["image_size"] == list(SIZES[index])
     assert sum(model.sizes) == len(images)
+
+
+def test_an_interactive_row_waits_about_one_batch_behind_a_bulk_run(
+    engine: GenerateEngine,
+) -> None:
+    """24 bulk rows of 64 tokens, then one interactive row of 8: it runs in the next batch,
+    which bulk rows asking for more tokens do not join, so it waits for the running batch only.
+    """
+    model = Recording(engine)
+    bulk_row, urgent_row = prepare(engine, (2, 0), 64), prepare(engine, (2, 0), 8)
+    with running(model, stop_timeout=120, max_batch=8, wait_s=5.0) as batcher:
+        far = time.monotonic() + 300
+        with batcher.expect(lane="bulk"):  # one burst: full batches of 8
+            bulk = [batcher.submit(bulk_row, far, lane="bulk") for _ in range(24)]
+        while not model.sizes:  # the first bulk batch is running
+            time.sleep(0.001)
+        submitted = time.monotonic()
+        urgent = batcher.submit(urgent_row, far)  # interactive, the default
+        assert isinstance(settle(batcher, [urgent], timeout=120)[0], CaptionOutput)
+        latency = time.monotonic() - submitted
+        outcomes = settle(batcher, bulk, timeout=300)
+
+    assert all(isinstance(o, CaptionOutput) for o in outcomes), outcomes
+    batch_s = model.seconds[0]
+    print(
+        f"\ngenerate engine: bulk batch (8 rows x 64 tokens) {batch_s:.3f}s; "
+        f"interactive row (8 tokens) latency {latency:.3f}s = {latency / batch_s:.2f} batches; "
+        f"calls {model.sizes}, seconds {[round(x, 3) for x in model.seconds]}"
+    )
+    assert model.sizes == [8, 1, 8, 8]  # in the next call, without the longer bulk rows
+    assert latency <= 1.5 * batch_s, (latency, batch_s)  # first-in-first-out: over 3 batches

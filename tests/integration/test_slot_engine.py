@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,47 @@ def test_a_looping_caption_stops_with_repetition_in_both_engines(
     assert_same(got[1], guarded.generate([rows[0]])[0], "neighbour")
     off = GenerateEngine(engine.model, engine.processor, engine.info, RepetitionGuard(0, 3))
     assert off.generate([looping])[0].finish_reason == "length"
+
+
+def test_an_interactive_row_waits_about_one_batch_behind_a_bulk_run(
+    engine: GenerateEngine, rows: list[PreparedInput]
+) -> None:
+    """24 bulk rows of 64 tokens fill 8 slots three times over; one interactive row of 8
+    tokens sent once they decode takes the next slot that frees, ahead of the 16 waiting."""
+    runner = SlotRunner(SlotEngine(engine, slots=8, capacity=256))
+    runner.start()
+    bulk_row = dataclasses.replace(rows[2], max_new_tokens=64)
+    urgent_row = dataclasses.replace(rows[2], max_new_tokens=8)
+    done: dict[int, float] = {}
+
+    def track(future: Future[CaptionOutput], key: int) -> None:
+        future.add_done_callback(lambda _: done.setdefault(key, time.monotonic()))
+
+    try:
+        far = time.monotonic() + 300
+        started = time.monotonic()
+        with runner._cond:  # all 24 wait before the model thread looks: 8 join at once
+            bulk = [runner.submit(bulk_row, far, lane="bulk") for _ in range(24)]
+        for i, future in enumerate(bulk):
+            track(future, i)
+        while runner.busy_since is None:  # the first 8 are being prefilled or decoded
+            time.sleep(0.001)
+        submitted = time.monotonic()
+        urgent = runner.submit(urgent_row, far)  # interactive, the default
+        track(urgent, -1)
+        outcomes = settle(runner, [urgent, *bulk], timeout=300)
+    finally:
+        runner.stop(timeout=60)
+
+    assert all(isinstance(o, CaptionOutput) for o in outcomes), outcomes
+    assert isinstance(outcomes[0], CaptionOutput) and outcomes[0].generated_tokens == 8
+    batch_s = min(done[i] for i in range(24)) - started  # the first 8 bulk rows, together
+    latency = done[-1] - submitted
+    print(
+        f"\nslot engine: bulk batch (8 slots x 64 tokens) {batch_s:.3f}s; "
+        f"interactive row (8 tokens) latency {latency:.3f}s = {latency / batch_s:.2f} batches; "
+        f"all 24 bulk rows {max(done[i] for i in range(24)) - started:.3f}s"
+    )
+    # It finished before the second wave of bulk rows (first-in-first-out: after the third).
+    assert done[-1] < sorted(done[i] for i in range(24))[8]
+    assert latency <= 1.5 * batch_s, (latency, batch_s)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support import pinned
-from tests.support.stack import WorkerStack
+from tests.support.stack import AMQP_URL, WorkerStack
 from tests.support.waits import TASK_TIMEOUT_S, failure_of
 from worker.devtools.loopback import LoopbackS3
 from worker.queue.keys import DELIVERY_KEY, RESULT_META_KEY
@@ -37,15 +37,20 @@ CONTRACT_FIELDS = {
 CLI = str(Path(sys.executable).with_name("caption-worker"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["redis", "amqp"])
 def stack(
+    request: pytest.FixtureRequest,
     tiny_model_dir: Path,
     s3_server: LoopbackS3,
     redis_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WorkerStack]:
+    """One worker per broker: Redis, and RabbitMQ with results in Redis."""
     workdir = tmp_path_factory.mktemp("e2e")
-    with WorkerStack(tiny_model_dir, s3_server, workdir, name="e2e", redis=redis_url) as stack:
+    broker = {"CAPTION_BROKER_URL": AMQP_URL} if request.param == "amqp" else {}
+    with WorkerStack(
+        tiny_model_dir, s3_server, workdir, name="e2e", redis=redis_url, **broker
+    ) as stack:
         stack.start_worker("e2e")
         yield stack
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.stack import WorkerStack
+from tests.support.stack import AMQP_URL, WorkerStack
 from tests.support.waits import READY_TIMEOUT_S, wait_for_value
 from worker.devtools.loopback import LoopbackS3
 from worker.devtools.processes import WorkerProcess
@@ -45,7 +45,16 @@ TERMINAL = ("SUCCESS", "FAILURE")
 
 
 @pytest.fixture()
-def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterator[WorkerStack]:
+def broker() -> str:
+    """The broker the stack uses; a test parametrizes ``broker`` to run on RabbitMQ too."""
+    return "redis"
+
+
+@pytest.fixture()
+def stack(
+    tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path, broker: str
+) -> Iterator[WorkerStack]:
+    amqp = {"CAPTION_BROKER_URL": AMQP_URL} if broker == "amqp" else {}
     with WorkerStack(
         tiny_model_dir,
         s3_server,
@@ -58,6 +67,7 @@ def stack(tiny_model_dir: Path, s3_server: LoopbackS3, tmp_path: Path) -> Iterat
         CAPTION_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
         CAPTION_UNACKED_RESTORE_INTERVAL_S="1",
         CAPTION_MAX_DELIVERIES=str(MAX_DELIVERIES),
+        **amqp,
     ) as stack:
         stack.task_defaults["image"] = stack.upload("plain.png")
         yield stack
@@ -261,15 +271,19 @@ def test_uncached_model_with_auto_download_off_stops_the_worker(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("engine", ["generate", "slots"])
+@pytest.mark.parametrize(
+    "engine, broker", [("generate", "redis"), ("slots", "redis"), ("generate", "amqp")]
+)
 def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
-    stack: WorkerStack, engine: str
+    stack: WorkerStack, engine: str, broker: str
 ) -> None:
     """A task that SIGKILLs its worker every time it runs.
 
     Each crash leaves the message unacknowledged; Redis hands it out again after the
-    visibility timeout, to the restarted worker. Delivery MAX_DELIVERIES + 1 fails it.
-    Two ordinary tasks are sent together with it, and one more after it failed.
+    visibility timeout, RabbitMQ as soon as the dead worker's connection drops, to the
+    restarted worker. Delivery MAX_DELIVERIES + 1 fails it, on either broker: the count
+    lives in the result backend. Two ordinary tasks are sent together with it, and one
+    more after it failed.
     """
     supervisor = Supervisor(
         stack, max_restarts=MAX_DELIVERIES + 1, extra={"CAPTION_ENGINE": engine}

@@ -18,6 +18,7 @@ from typing import Any, Self, cast
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from kombu import Connection
 
 from tests.support.images import png_bytes
 from tests.support.waits import READY_TIMEOUT_S
@@ -39,6 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Worker processes load this engine factory with CAPTION_ENGINE_FACTORY (prompt markers).
 FAULTY_ENGINE = "tests.support.faulty_engine:load_faulty_engine"
 BROKER_DB, BACKEND_DB = 0, 1
+#: The machine's RabbitMQ (dev and CI machines run one); results stay in Redis with it.
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def pythonpath() -> str:
@@ -177,11 +180,20 @@ class WorkerStack:
                 self._producer.backend.remove_pending_result(task)
             self._producer.close()
             self._producer = None
+        if self.amqp and self.base_env:
+            # The queue lives on the shared RabbitMQ: leave nothing of this stack there.
+            with Connection(self.base_env["CAPTION_BROKER_URL"]) as conn:
+                conn.default_channel.queue_delete(self.queue)
         if self._owned_redis is not None:
             self._owned_redis.stop()
             self._owned_redis = None
 
     # --- workers and tasks ------------------------------------------------------------------
+
+    @property
+    def amqp(self) -> bool:
+        """Whether the broker is RabbitMQ (results are in Redis either way)."""
+        return self.base_env.get("CAPTION_BROKER_URL", "").startswith("amqp")
 
     @property
     def producer(self) -> Celery:

@@ -21,12 +21,16 @@ torch = pytest.importorskip("torch")
 
 from tests.support.batching import running, settle  # noqa: E402
 from tests.support.fake_engine import GREEDY, FakeEngine, item  # noqa: E402
+from tests.support.images import png_bytes  # noqa: E402
 from worker.batching.batcher import Batcher  # noqa: E402
 from worker.batching.policy import BatchLimits  # noqa: E402
-from worker.contract import GenerationOptions  # noqa: E402
+from worker.contract import GenerationOptions, parse_request  # noqa: E402
 from worker.engine.base import CaptionOutput, PreparedInput  # noqa: E402
 from worker.engine.hf_generate import collate  # noqa: E402
 from worker.errors import CaptionFailed, CaptionTimeout  # noqa: E402
+from worker.runtime.service import CaptionService  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+from worker.storage.s3 import ObjectStore  # noqa: E402
 
 SAMPLED = GenerationOptions(do_sample=True, temperature=0.7)
 SAMPLED_SEEDED = GenerationOptions(do_sample=True, temperature=0.7, seed=1)
@@ -326,3 +330,123 @@ def test_a_task_that_crashed_a_worker_before_runs_alone_and_is_accounted() -> No
     # Every row was inside exactly one generate call, and each call was left again.
     assert [g.entered for g in guards] == [1] * 5
     assert [g.inside for g in guards] == [0] * 5
+
+
+# --- lanes -------------------------------------------------------------------------------------
+
+
+def blocked(batcher: Batcher, model: FakeEngine, tag: int = 999) -> Future[CaptionOutput]:
+    """A bulk row that holds the model (at the gate) while the test queues rows behind it."""
+    future = batcher.submit(item(tag), time.monotonic() + LATER, lane="bulk")
+    while not model.calls:
+        time.sleep(0.005)
+    return future
+
+
+def test_an_interactive_row_goes_in_the_next_batch_behind_forty_bulk_rows() -> None:
+    gate = threading.Event()
+    model = FakeEngine(gate=gate)
+    with running(model, max_batch=8, wait_s=0.0) as batcher:
+        first = blocked(batcher, model)
+        later = time.monotonic() + LATER
+        backlog = [batcher.submit(item(t), later, lane="bulk") for t in range(40)]
+        urgent = batcher.submit(item(100), later)  # interactive, the default
+        gate.set()
+        outcomes = settle(batcher, [first, *backlog, urgent])
+
+    assert captions(outcomes) == [
+        "caption 999",
+        *(f"caption {t}" for t in range(40)),
+        "caption 100",
+    ]
+    batches = model.tag_batches()
+    assert batches[1] == [100, 0, 1, 2, 3, 4, 5, 6]  # next batch, at its head; bulk fills it
+    # Then the bulk rows go on, oldest first, in full batches: no bulk row was lost.
+    assert batches[2:] == [list(range(s, min(s + 8, 40))) for s in range(7, 40, 8)]
+
+
+def test_eight_interactive_and_eight_bulk_rows_make_an_interactive_batch_first() -> None:
+    gate = threading.Event()
+    model = FakeEngine(gate=gate)
+    with running(model, max_batch=8, wait_s=0.0) as batcher:
+        first = blocked(batcher, model)
+        later = time.monotonic() + LATER
+        futures = [
+            batcher.submit(item(t), later, lane="bulk" if t % 2 == 0 else "interactive")
+            for t in range(16)
+        ]
+        gate.set()
+        settle(batcher, [first, *futures])
+
+    assert model.tag_batches()[1:] == [list(range(1, 16, 2)), list(range(0, 16, 2))]
+
+
+def test_bulk_rows_on_their_way_never_hold_a_waiting_interactive_row() -> None:
+    model = FakeEngine()
+    with running(model, max_batch=8, wait_s=3.0) as batcher:
+        with batcher.expect(lane="bulk"):  # a bulk image still downloading
+            started = time.monotonic()
+            with batcher.expect():
+                future = batcher.submit(item(1), started + LATER)
+            assert captions(settle(batcher, [future])) == ["caption 1"]
+            elapsed = time.monotonic() - started
+
+            # A bulk row does wait for the bulk row on its way, as rows always have.
+            waits = batcher.submit(item(2), time.monotonic() + LATER, lane="bulk")
+            time.sleep(0.3)
+            assert not waits.done(), "a bulk batch did not wait for the bulk row on its way"
+        assert captions(settle(batcher, [waits])) == ["caption 2"]
+
+    assert elapsed < 1.0, f"an interactive row was held {elapsed:.2f}s for a bulk row"
+    assert model.tag_batches() == [[1], [2]]
+
+
+def test_bulk_rows_run_as_usual_when_no_interactive_row_waits() -> None:
+    model = FakeEngine()
+    with running(model, max_batch=4, wait_s=5.0) as batcher:
+        with batcher.expect(lane="bulk"):
+            futures = [
+                batcher.submit(item(t), time.monotonic() + LATER, lane="bulk") for t in range(10)
+            ]
+        outcomes = settle(batcher, futures)
+
+    assert captions(outcomes) == [f"caption {t}" for t in range(10)]
+    assert model.tag_batches() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+class _Delivered:
+    """A metrics hook that records the lane of each caption delivered."""
+
+    def __init__(self) -> None:
+        self.lanes: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+    def caption_delivered(self, lane: str, prompt_tokens: int, generated_tokens: int) -> None:
+        self.lanes.append(lane)
+
+
+def test_the_service_submits_its_lane_and_reports_it() -> None:
+    model = FakeEngine()
+    settings = Settings(task_deadline_s=10)
+    metrics = _Delivered()
+    with running(model, max_batch=4, wait_s=0.0) as batcher:
+        submitted: list[str] = []
+        submit = batcher.submit
+
+        def recording_submit(*args: Any, **kwargs: Any) -> Future[CaptionOutput]:
+            submitted.append(args[3] if len(args) > 3 else kwargs.get("lane", "interactive"))
+            return submit(*args, **kwargs)
+
+        batcher.submit = recording_submit  # type: ignore[method-assign]
+        service = CaptionService(
+            settings, model, ObjectStore(settings, client=object()), batcher, "test", metrics
+        )
+        request = parse_request({"image": "local.png", "max_new_tokens": 4}, settings)
+        data = png_bytes()
+        service.caption(request, data)
+        service.caption(request, data, lane="bulk")
+
+    assert submitted == ["interactive", "bulk"]
+    assert metrics.lanes == ["interactive", "bulk"]

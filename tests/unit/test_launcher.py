@@ -46,3 +46,32 @@ def test_cuda_visible_devices_decides_the_gpus(
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
     assert visible_gpus() == gpus
+
+
+def test_each_gpu_process_gets_its_own_metrics_port_and_ready_file() -> None:
+    plans = plan_workers(
+        ["0", "3", "5"], "captions", "INFO", metrics_port=9330, ready_file="/run/caption.ready"
+    )
+    assert [p.env["CAPTION_METRICS_PORT"] for p in plans] == ["9330", "9331", "9332"]
+    assert [p.env["CAPTION_READY_FILE"] for p in plans] == [
+        "/run/caption.ready.gpu0",
+        "/run/caption.ready.gpu3",
+        "/run/caption.ready.gpu5",
+    ]
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "3", "5"]
+    assert "CAPTION_METRICS_PORT=9331 " in plans[1].shell()
+
+
+def test_the_cpu_process_gets_the_base_port_and_a_cpu_ready_file() -> None:
+    [plan] = plan_workers([], "captions", "INFO", metrics_port=9400, ready_file="/tmp/ready")
+    assert plan.env == {
+        "CUDA_VISIBLE_DEVICES": "",
+        "CAPTION_METRICS_PORT": "9400",
+        "CAPTION_READY_FILE": "/tmp/ready.cpu",
+    }
+
+
+def test_port_zero_and_no_ready_file_leave_the_environment_alone() -> None:
+    # 0 (off) is inherited by every process as it is; no ready file means none to suffix.
+    plans = plan_workers(["0", "1"], "captions", "INFO", metrics_port=0, ready_file=None)
+    assert [p.env for p in plans] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]

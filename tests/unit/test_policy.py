@@ -12,8 +12,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.batching.policy import BatchLimits, select_batch, wait_before_batch
+from worker.batching.policy import (
+    BatchLimits,
+    lane_to_serve,
+    lanes_first,
+    select_batch,
+    wait_before_batch,
+)
 from worker.contract import GenerationOptions
+from worker.engine.base import Lane
 from worker.runtime.bootstrap import batch_limits
 from worker.settings import Settings
 
@@ -29,6 +36,7 @@ class Row:
     max_new_tokens: int = 16
     options: GenerationOptions = GREEDY
     suspect: bool = False
+    lane: Lane = "interactive"
 
     @property
     def arrived(self) -> float:
@@ -169,3 +177,74 @@ def test_settings_defaults_are_the_policy_defaults() -> None:
     assert batch_limits(Settings(batch_wait_ms=250, batch_linger_ms=5)) == BatchLimits(
         wait_s=0.25, linger_s=0.005
     )
+
+
+# --- lanes -------------------------------------------------------------------------------------
+
+
+def bulk(tag: int, **fields: object) -> Row:
+    return Row(tag, lane="bulk", **fields)  # type: ignore[arg-type]
+
+
+def drain_lanes(waiting: Sequence[Row], cap: int = 32, **limits: float) -> list[list[int]]:
+    """``drain`` for mixed lanes: the head is the oldest row of the lane served first."""
+    settings = BatchLimits(max_batch=cap, **limits)  # type: ignore[arg-type]
+    left, batches = list(waiting), []
+    while left:
+        batch = select_batch(left, cap, settings)
+        assert batch and batch[0] is lanes_first(left)[0]
+        batches.append([row.tag for row in batch])
+        left = [row for row in left if row not in batch]
+    return batches
+
+
+def test_an_interactive_row_heads_the_next_batch_behind_a_bulk_backlog() -> None:
+    waiting = [bulk(t) for t in range(40)] + [Row(40)]
+    batch = select_batch(waiting, 8, BatchLimits(max_batch=8))
+    assert [row.tag for row in batch] == [40, 0, 1, 2, 3, 4, 5, 6]  # bulk rows only fill
+
+
+def test_interactive_rows_fill_the_batch_before_any_bulk_row() -> None:
+    # Sixteen rows, bulk and interactive alternating, bulk oldest: the batch is interactive.
+    waiting = [bulk(t) if t % 2 == 0 else Row(t) for t in range(16)]
+    assert drain_lanes(waiting, cap=8) == [list(range(1, 16, 2)), list(range(0, 16, 2))]
+
+
+def test_interactive_rows_come_first_even_when_bulk_rows_are_closer_in_length() -> None:
+    waiting = [bulk(0, prompt_tokens=50), bulk(1, prompt_tokens=50), Row(2, prompt_tokens=50)]
+    waiting += [Row(3, prompt_tokens=80), Row(4, prompt_tokens=42)]
+    assert drain_lanes(waiting, cap=3) == [[2, 4, 3], [0, 1]]
+
+
+def test_bulk_filler_never_makes_an_interactive_batch_decode_longer() -> None:
+    waiting = [bulk(0, max_new_tokens=64), bulk(1, max_new_tokens=8), bulk(2, max_new_tokens=64)]
+    waiting += [Row(3, max_new_tokens=8), bulk(4, max_new_tokens=4)]
+    assert drain_lanes(waiting) == [[3, 1, 4], [0, 2]]
+
+
+def test_bulk_rows_batch_as_before_when_no_interactive_row_waits() -> None:
+    # No starvation without interactive load: bulk rows drain oldest first, full batches.
+    assert drain_lanes([bulk(t) for t in range(10)], cap=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert drain_lanes([bulk(t, max_new_tokens=8 * (t + 1)) for t in range(3)]) == [[0, 1, 2]]
+
+
+def test_lanes_keep_the_other_batch_rules() -> None:
+    waiting = [bulk(0), Row(1, options=SAMPLED), Row(2), bulk(3, prompt_tokens=400)]
+    waiting += [bulk(4, options=SAMPLED), Row(5, prompt_tokens=400)]
+    # Options and pad ratio still split batches; the lanes only order them.
+    assert drain_lanes(waiting) == [[1, 4], [2, 0], [5, 3]]
+
+
+def test_a_suspect_row_still_runs_alone_in_either_lane() -> None:
+    waiting = [bulk(0), Row(1, suspect=True), Row(2), bulk(3)]
+    assert drain_lanes(waiting) == [[1], [2, 0, 3]]
+    waiting = [bulk(0, suspect=True), bulk(1), Row(2), bulk(3)]
+    assert drain_lanes(waiting) == [[2, 1, 3], [0]]
+
+
+def test_lane_order_helpers() -> None:
+    waiting = [bulk(0), Row(1), bulk(2), Row(3)]
+    assert [row.tag for row in lanes_first(waiting)] == [1, 3, 0, 2]
+    assert lane_to_serve(waiting) == "interactive"
+    assert lane_to_serve([bulk(0)]) == "bulk"
+    assert lanes_first(rows(3)) == rows(3)  # all interactive: arrival order unchanged

@@ -132,3 +132,31 @@ def test_visibility_timeout_above_deadline_grace_and_margin_is_accepted() -> Non
 
 def test_visibility_timeout_is_not_checked_for_brokers_without_one() -> None:
     _settings(broker_url="amqp://guest@rabbit//", visibility_timeout_s=5).check_visibility_timeout()
+
+
+def test_rabbitmq_consumer_timeout_must_exceed_deadline_grace_and_margin() -> None:
+    needed = int(NEEDED_VISIBILITY_S)
+    short = _settings(broker_url="amqp://guest@rabbit//", amqp_consumer_timeout_s=needed)
+    with pytest.raises(ConfigError) as caught:
+        short.check_visibility_timeout()
+    message = str(caught.value)
+    assert message.startswith(f"CAPTION_AMQP_CONSUMER_TIMEOUT_S={needed} (RabbitMQ's")
+    assert "consumer_timeout in rabbitmq.conf" in message  # says what to change
+    _settings(
+        broker_url="amqp://guest@rabbit//", amqp_consumer_timeout_s=needed + 1
+    ).check_visibility_timeout()
+    # RabbitMQ's default (30 minutes) fits the default deadline.
+    Settings(broker_url="amqp://guest@rabbit//").check_visibility_timeout()
+
+
+def test_heartbeat_must_beat_at_least_three_times_before_a_worker_is_dead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAPTION_HEARTBEAT_INTERVAL_S", "10")
+    monkeypatch.setenv("CAPTION_WORKER_DEAD_AFTER_S", "20")
+    with pytest.raises(ConfigError, match="CAPTION_WORKER_DEAD_AFTER_S"):
+        load_settings()
+    monkeypatch.setenv("CAPTION_HEARTBEAT_INTERVAL_S", "2")
+    monkeypatch.setenv("CAPTION_WORKER_DEAD_AFTER_S", "6")
+    settings = load_settings()
+    assert (settings.heartbeat_interval_s, settings.worker_dead_after_s) == (2, 6)

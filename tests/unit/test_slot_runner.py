@@ -38,6 +38,8 @@ class FakeSlots:
         self.oom_above = oom_above
         self.rows: dict[int, tuple[PreparedInput, int, int]] = {}  # slot -> (item, done, peak)
         self.prefills: list[int] = []
+        self.admitted: list[int] = []  # tags, in the order rows got a slot or ran alone
+        self.live_at_admit: dict[int, int] = {}  # tag -> rows already live when it joined
         self.peak_live = 0
         self.live_beside_suspect: set[int] = set()
 
@@ -61,6 +63,8 @@ class FakeSlots:
     def run_alone(self, item: PreparedInput, deadline: float | None) -> CaptionOutput:
         if item.tensors["tag"] == BROKEN_TAG:
             raise ValueError("this input breaks the model")
+        self.admitted.append(item.tensors["tag"])
+        self.live_at_admit[item.tensors["tag"]] = self.live
         return self._out(item, item.max_new_tokens, "length", 1)
 
     def admit_many(self, rows: list[tuple[int, PreparedInput]]) -> list[CaptionOutput | None]:
@@ -69,6 +73,9 @@ class FakeSlots:
         if self.oom_above and len(rows) > self.oom_above:
             raise FakeOOM(f"{len(rows)} rows")
         self.prefills.append(len(rows))
+        for _, item in rows:
+            self.admitted.append(item.tensors["tag"])
+            self.live_at_admit[item.tensors["tag"]] = self.live
         for slot, item in rows:
             self.rows[slot] = (item, 1, 0)
         self.peak_live = max(self.peak_live, self.live)
@@ -199,3 +206,85 @@ def test_a_row_too_long_for_a_slot_that_breaks_generate_fails_typed(make_runner:
     broken, fine = settle(runner, [long_broken, long_fine], timeout=10)
     assert isinstance(broken, CaptionFailed) and "this input breaks the model" in str(broken)
     assert isinstance(fine, CaptionOutput) and fine.text == "row 3"
+
+
+# --- lanes -------------------------------------------------------------------------------------
+
+
+def wait_live(engine: FakeSlots, rows: int) -> None:
+    end = time.monotonic() + 5
+    while engine.live < rows:
+        assert time.monotonic() < end, "the rows were never admitted"
+        time.sleep(0.001)
+
+
+def test_an_interactive_row_takes_the_next_free_slot_ahead_of_forty_bulk_rows(
+    make_runner: Any,
+) -> None:
+    engine = FakeSlots(slots=4)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    with runner._cond:  # every bulk row waits before the model thread looks
+        # The first four finish at different steps; the first slot frees after 30 steps.
+        bulk = [
+            runner.submit(row(i, tokens=30 + 10 * (i % 4)), far, lane="bulk") for i in range(20, 60)
+        ]
+    wait_live(engine, 4)
+    urgent = runner.submit(row(100, tokens=4), far)  # interactive, the default
+    outputs = settle(runner, [*bulk, urgent], timeout=30)
+    assert all(isinstance(o, CaptionOutput) for o in outputs), outputs
+    assert engine.admitted[:5] == [20, 21, 22, 23, 100]  # the next slot that freed
+    assert engine.live_at_admit[100] == 3  # nothing was preempted for it
+    assert sorted(engine.admitted) == [*range(20, 60), 100]  # and the bulk rows all ran
+
+
+def test_free_slots_go_to_interactive_rows_before_bulk_rows(make_runner: Any) -> None:
+    engine = FakeSlots(slots=8)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    with runner._cond:  # sixteen rows, bulk first, arrive before the model thread looks
+        bulk = [runner.submit(row(i, tokens=4), far, lane="bulk") for i in range(20, 28)]
+        interactive = [runner.submit(row(i, tokens=4), far) for i in range(30, 38)]
+    settle(runner, [*bulk, *interactive], timeout=10)
+    assert sorted(engine.admitted[:8]) == list(range(30, 38))
+    assert engine.prefills == [8, 8]
+
+
+def test_interactive_rows_are_prefilled_first_whatever_their_length(make_runner: Any) -> None:
+    engine = FakeSlots(slots=4, capacity=1000)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    with runner._cond:
+        futures = [runner.submit(row(i, prompt=10), far, lane="bulk") for i in range(2)]
+        futures += [runner.submit(row(i, prompt=100), far) for i in range(2, 4)]
+    settle(runner, futures, timeout=10)
+    # Two prefill groups (10 and 100 tokens do not share one); the interactive one goes first.
+    assert engine.admitted == [2, 3, 0, 1]
+    assert engine.prefills == [2, 2]
+
+
+def test_a_bulk_row_that_runs_alone_waits_while_an_interactive_row_waits_or_runs(
+    make_runner: Any,
+) -> None:
+    engine = FakeSlots(slots=2, capacity=20)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    with runner._cond:
+        long_bulk = runner.submit(row(1, tokens=30), far, lane="bulk")  # too long for a slot
+        short = runner.submit(row(2, tokens=5), far)
+    outputs = settle(runner, [long_bulk, short], timeout=10)
+    assert all(isinstance(o, CaptionOutput) for o in outputs), outputs
+    assert engine.admitted == [2, 1]
+    assert engine.live_at_admit[1] == 0  # it ran once the interactive row had left
+
+
+def test_bulk_rows_alone_are_admitted_as_before(make_runner: Any) -> None:
+    engine = FakeSlots(slots=3)
+    runner = make_runner(engine)
+    far = time.monotonic() + 30
+    futures = [runner.submit(row(i, tokens=2 + i % 5), far, lane="bulk") for i in range(20, 30)]
+    outputs = settle(runner, futures, timeout=10)
+    assert [o.text for o in outputs] == [f"row {i}" for i in range(20, 30)]
+    # Oldest first: bulk rows never starve without interactive load.
+    assert engine.admitted == list(range(20, 30))
+    assert engine.peak_live == 3

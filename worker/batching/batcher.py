@@ -7,6 +7,11 @@ task still preparing, or one that arrived within the last ``linger_s`` (a burst 
 delivered by the broker). It never holds the oldest task longer than ``wait_s``, so a lone
 task starts at once (after at most ``linger_s``) and a burst fills one batch instead of
 being split by the broker's delivery pace.
+
+Lanes: while an interactive row waits, the batch is formed for the interactive lane: the
+wait counts only interactive rows on their way and interactive arrivals, and the batch is
+headed and filled by interactive rows before bulk ones (``policy.select_batch``). A running
+batch is never interrupted, so an interactive row waits at most for the batch in progress.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from worker.batching.model_thread import ModelThread
-from worker.batching.policy import BatchLimits, select_batch, wait_before_batch
+from worker.batching.policy import BatchLimits, lane_to_serve, select_batch, wait_before_batch
 from worker.batching.rows import PendingRow, fail_row
-from worker.engine.base import BatchEngine
+from worker.engine.base import BatchEngine, Lane
 from worker.errors import CaptionFailed, CaptionTimeout
+from worker.ops.metrics import NO_METRICS, MetricsHook
 
 log = logging.getLogger(__name__)
 
@@ -30,32 +36,35 @@ class Batcher(ModelThread):
 
     thread_name = "caption-batcher"
 
-    def __init__(self, model: BatchEngine, limits: BatchLimits) -> None:
-        super().__init__()
+    def __init__(
+        self, model: BatchEngine, limits: BatchLimits, metrics: MetricsHook = NO_METRICS
+    ) -> None:
+        super().__init__(metrics)
         self._model = model
         self._limits = limits
         self._pending: list[PendingRow] = []
-        self._preparing = 0
-        self._last_arrival = 0.0
+        # Per lane: rows being prepared (inside expect()) and the last arrival or announcement.
+        self._preparing: dict[Lane, int] = {"interactive": 0, "bulk": 0}
+        self._last_arrival: dict[Lane, float] = {"interactive": 0.0, "bulk": 0.0}
         # Lowered after an out-of-memory; the largest batch known to fit from then on.
         self.batch_cap = limits.max_batch
 
     @contextmanager
-    def expect(self) -> Iterator[None]:
+    def expect(self, lane: Lane = "interactive") -> Iterator[None]:
         """Mark a task as preparing an input, so a forming batch waits for it briefly."""
         with self._cond:
-            self._preparing += 1
-            self._last_arrival = time.monotonic()
+            self._preparing[lane] += 1
+            self._last_arrival[lane] = time.monotonic()
         try:
             yield
         finally:
             with self._cond:
-                self._preparing -= 1
+                self._preparing[lane] -= 1
                 self._cond.notify_all()
 
     def _enqueue(self, row: PendingRow) -> None:
         self._pending.append(row)
-        self._last_arrival = time.monotonic()
+        self._last_arrival[row.lane] = time.monotonic()
 
     def _loop(self) -> None:
         while True:
@@ -75,17 +84,8 @@ class Batcher(ModelThread):
                 if not self._running:
                     return None
                 self._cond.wait()
-            oldest = self._pending[0].arrived
             while self._running:
-                pause = wait_before_batch(
-                    now=time.monotonic(),
-                    oldest=oldest,
-                    last_arrival=self._last_arrival,
-                    preparing=self._preparing,
-                    waiting=len(self._pending),
-                    cap=self.batch_cap,
-                    limits=self._limits,
-                )
+                pause = self._pause()
                 if pause is None:
                     break
                 self._cond.wait(pause)
@@ -95,6 +95,31 @@ class Batcher(ModelThread):
             self._pending = [e for e in self._pending if id(e) not in chosen]
             # A running future can no longer be cancelled by its task thread.
             return [e for e in batch if e.future.set_running_or_notify_cancel()]
+
+    def _pause(self) -> float | None:
+        """How long to keep filling the batch (lock held), for the lane it is formed for.
+
+        With an interactive row waiting, only interactive rows on their way hold the batch:
+        an interactive row never waits for bulk rows. A bulk batch waits for rows of either
+        lane (an interactive one would head it).
+        """
+        if lane_to_serve(self._pending) == "interactive":
+            oldest = next(e.arrived for e in self._pending if e.lane == "interactive")
+            last_arrival = self._last_arrival["interactive"]
+            preparing = self._preparing["interactive"]
+        else:
+            oldest = self._pending[0].arrived
+            last_arrival = max(self._last_arrival.values())
+            preparing = sum(self._preparing.values())
+        return wait_before_batch(
+            now=time.monotonic(),
+            oldest=oldest,
+            last_arrival=last_arrival,
+            preparing=preparing,
+            waiting=len(self._pending),
+            cap=self.batch_cap,
+            limits=self._limits,
+        )
 
     def _live(self) -> list[PendingRow]:
         """Waiting entries still worth running; expired ones fail, cancelled ones drop."""
@@ -119,12 +144,18 @@ class Batcher(ModelThread):
         for guard in guards:
             guard.enter()
         self.busy_since = time.monotonic()
+        self._metrics.rows_active(len(batch))
+        started = time.perf_counter()
         try:
             try:
                 outputs = self._model.generate([e.item for e in batch], [e.deadline for e in batch])
             finally:  # the call returned or raised: the process survived it
                 for guard in guards:
                     guard.exit()
+                # Every call counts, failed ones too: the model spent the time either way.
+                self._metrics.rows_active(0)
+                self._metrics.model_batch(len(batch))
+                self._metrics.model_time(time.perf_counter() - started)
         except self._model.oom_errors as exc:
             self.busy_since = None
             return self._split_after_oom(batch, exc, top)

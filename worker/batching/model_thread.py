@@ -10,8 +10,9 @@ import threading
 from concurrent.futures import Future
 
 from worker.batching.rows import PendingRow
-from worker.engine.base import CaptionOutput, PreparedInput, RunGuard
+from worker.engine.base import CaptionOutput, Lane, PreparedInput, RunGuard
 from worker.errors import CaptionFailed
+from worker.ops.metrics import NO_METRICS, MetricsHook
 
 
 class ModelThread:
@@ -19,7 +20,8 @@ class ModelThread:
 
     thread_name = "caption-model"
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: MetricsHook = NO_METRICS) -> None:
+        self._metrics = metrics
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -46,14 +48,19 @@ class ModelThread:
             self._thread.join(timeout)
 
     def submit(
-        self, item: PreparedInput, deadline: float, guard: RunGuard | None = None
+        self,
+        item: PreparedInput,
+        deadline: float,
+        guard: RunGuard | None = None,
+        lane: Lane = "interactive",
     ) -> Future[CaptionOutput]:
-        """Queue one prepared row; the future resolves to its caption or a typed error."""
+        """Queue one prepared row of ``lane``; the future resolves to its caption or a typed
+        error. Interactive rows are taken before bulk rows (``worker.batching.policy``)."""
         future: Future[CaptionOutput] = Future()
         with self._cond:
             if not self._running:
                 raise CaptionFailed("the worker is shutting down")
-            self._enqueue(PendingRow(item, deadline, future, guard=guard))
+            self._enqueue(PendingRow(item, deadline, future, guard=guard, lane=lane))
             self._cond.notify_all()
         return future
 

@@ -2,6 +2,12 @@
 
 Kept apart from the thread that applies it, so the rules can be read and tested without
 clocks, locks or a model.
+
+Lanes: every row is ``interactive`` (someone waits on this one caption) or ``bulk`` (an
+image of a bulk run). Interactive rows are always taken first: a batch's head is the oldest
+interactive row if any waits, else the oldest bulk row, and the batch is filled with
+compatible interactive rows before any bulk row. Bulk rows run whenever no interactive row
+waits, so they starve only under interactive load that fills the model by itself.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from worker.contract import GenerationOptions
+from worker.engine.base import Lane
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,24 @@ class Row(Protocol):
     @property
     def suspect(self) -> bool: ...
 
+    @property
+    def lane(self) -> Lane: ...
+
 
 R = TypeVar("R", bound=Row)
+
+
+def lane_to_serve(rows: Sequence[Row]) -> Lane:
+    """The lane the next batch is formed for: interactive while any interactive row waits."""
+    return "interactive" if any(r.lane == "interactive" for r in rows) else "bulk"
+
+
+def lanes_first(rows: Sequence[R]) -> list[R]:
+    """``rows`` (oldest first) in the order they are taken: interactive rows, then bulk rows,
+    each lane oldest first."""
+    return [r for r in rows if r.lane == "interactive"] + [
+        r for r in rows if r.lane != "interactive"
+    ]
 
 
 def wait_before_batch(
@@ -71,19 +94,31 @@ def wait_before_batch(
 
 
 def select_batch(rows: Sequence[R], cap: int, limits: BatchLimits) -> list[R]:
-    """The oldest row plus the compatible rows closest to it in prompt length.
+    """The oldest row of the lane served first plus the compatible rows closest to it in
+    prompt length, interactive rows before bulk rows.
 
-    ``rows`` are live and oldest first. Compatible means equal generation options, within
-    ``pad_ratio`` of each other's prompt length and inside the padded-token budget. A
-    suspect row (an earlier model call with it never returned) always runs alone.
+    ``rows`` are live and oldest first. The head is the oldest interactive row, or the
+    oldest row when none is interactive. Compatible means equal generation options, within
+    ``pad_ratio`` of each other's prompt length and inside the padded-token budget. Every
+    compatible interactive row is considered before any bulk row, and a bulk row joins an
+    interactive batch only if it asks for no more new tokens than the interactive rows do:
+    bulk filler never makes an interactive batch decode longer. A suspect row (an earlier
+    model call with it never returned) always runs alone.
     """
     if not rows:
         return []
-    first = rows[0]
+    first = lanes_first(rows)[0]
     if first.suspect:
         return [first]  # it may be what killed the last worker: never take others along
-    same = [r for r in rows[1:] if r.options == first.options and not r.suspect]
-    same.sort(key=lambda r: (abs(r.prompt_tokens - first.prompt_tokens), r.arrived))
+    same = [r for r in rows if r is not first and r.options == first.options and not r.suspect]
+    same.sort(
+        key=lambda r: (
+            r.lane != "interactive",
+            abs(r.prompt_tokens - first.prompt_tokens),
+            r.arrived,
+        )
+    )
+    served = first.lane
     chosen = [first]
     shortest = longest = first.prompt_tokens
     most_new = first.max_new_tokens
@@ -93,6 +128,8 @@ def select_batch(rows: Sequence[R], cap: int, limits: BatchLimits) -> list[R]:
         lo = min(shortest, row.prompt_tokens)
         hi = max(longest, row.prompt_tokens)
         new = max(most_new, row.max_new_tokens)
+        if row.lane != served and new > most_new:
+            continue  # bulk filler must not hold the interactive rows past their own length
         if hi > limits.pad_ratio * lo:
             continue  # this bucket would waste too much on padding
         if (hi + new) * (len(chosen) + 1) > limits.token_budget:

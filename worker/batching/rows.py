@@ -8,18 +8,19 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from worker.contract import GenerationOptions
-from worker.engine.base import CaptionOutput, PreparedInput, RunGuard
+from worker.engine.base import CaptionOutput, Lane, PreparedInput, RunGuard
 
 
 @dataclass(eq=False)  # identity, not field equality: fields hold tensors
 class PendingRow:
-    """One submitted row: its input, deadline, future and crash guard."""
+    """One submitted row: its input, deadline, future, crash guard and lane."""
 
     item: PreparedInput
     deadline: float
     future: Future[CaptionOutput]
     arrived: float = field(default_factory=time.monotonic)
     guard: RunGuard | None = None
+    lane: Lane = "interactive"
 
     @property
     def suspect(self) -> bool:

@@ -8,6 +8,15 @@ batch to fill: a row that arrives mid-decode starts at the next step.
 Crash accounting works as with the batcher: a row's guard is entered when it is admitted
 and left when it finishes, and a suspect row (an earlier model call with it never
 returned) runs with no other row beside it.
+
+Lanes: free slots go to waiting interactive rows first, then to bulk rows, and interactive
+rows are prefilled first. Running rows are never preempted: when every slot holds a bulk
+row, a waiting interactive row takes the next slot that frees. A bulk row too long for a
+slot (it would run alone, holding every slot) waits while any interactive row waits or runs.
+
+Metrics: each decode step reports its live rows (``model_batch``), and each finished row its
+time in the engine from prefill to last token (``model_time``), which is the part of a
+caption's latency the model owns; a step's own time belongs to no one caption.
 """
 
 from __future__ import annotations
@@ -19,10 +28,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from worker.batching.model_thread import ModelThread
+from worker.batching.policy import lanes_first
 from worker.batching.rows import PendingRow, fail_row
-from worker.engine.base import CaptionOutput
+from worker.engine.base import CaptionOutput, Lane
 from worker.engine.slot_engine import SlotEngine
 from worker.errors import CaptionFailed, CaptionTimeout
+from worker.ops.metrics import NO_METRICS, MetricsHook
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +46,8 @@ class SlotRunner(ModelThread):
 
     thread_name = "caption-slots"
 
-    def __init__(self, engine: SlotEngine) -> None:
-        super().__init__()
+    def __init__(self, engine: SlotEngine, metrics: MetricsHook = NO_METRICS) -> None:
+        super().__init__(metrics)
         self._engine = engine
         self._pending: deque[PendingRow] = deque()
         self._live: dict[int, PendingRow] = {}
@@ -46,7 +57,7 @@ class SlotRunner(ModelThread):
         self.prefill_cap = engine.slots
 
     @contextmanager
-    def expect(self) -> Iterator[None]:
+    def expect(self, lane: Lane = "interactive") -> Iterator[None]:
         """Rows join at any step, so nothing waits for rows still on their way."""
         yield
 
@@ -68,40 +79,47 @@ class SlotRunner(ModelThread):
             except Exception as exc:  # keep the only model thread alive whatever happens
                 log.exception("slot step failed")
                 self._fail_live(CaptionFailed(f"internal slot engine error: {exc!r}"))
+            self._metrics.rows_active(len(self._live))
 
     def _take(self) -> list[PendingRow]:
-        """Waiting rows to admit now, oldest first (lock held)."""
+        """Waiting rows to admit now: interactive rows, then bulk rows, each oldest first
+        (lock held)."""
         now = time.monotonic()
         if any(e.suspect for e in self._live.values()):
             return []  # a suspect row runs with nothing beside it
         room = min(len(self._engine.free_slots()), self.row_cap - len(self._live), self.prefill_cap)
         taken: list[PendingRow] = []
         slotted = 0  # taken rows that will occupy a slot (the rest run alone)
-        kept: deque[PendingRow] = deque()
-        while self._pending:
-            entry = self._pending.popleft()
+        gone: set[int] = set()  # ids of rows leaving the queue: taken, cancelled, expired
+        # A row that runs alone holds every slot for its whole caption: no bulk row does so
+        # while an interactive row waits or runs.
+        interactive = any(e.lane == "interactive" for e in self._live.values())
+        for entry in lanes_first(self._pending):
             if entry.future.cancelled():
+                gone.add(id(entry))
                 continue
             if entry.deadline <= now:
                 fail_row(entry, CaptionTimeout("the task deadline passed while it waited"))
+                gone.add(id(entry))
                 continue
+            interactive = interactive or entry.lane == "interactive"
             if entry.suspect and (taken or self._live):
-                # It runs alone once the rows before it have left; nothing overtakes it,
-                # or steady traffic would keep it waiting forever.
-                kept.append(entry)
+                # It runs alone once the rows before it have left; nothing of its lane
+                # overtakes it, or steady traffic would keep it waiting forever.
                 break
             fits = self._engine.fits(entry.item)
             if fits and slotted >= room:
-                kept.append(entry)
                 continue
+            if not fits and entry.lane == "bulk" and interactive:
+                continue
+            gone.add(id(entry))
             # A row put back after an out-of-memory is already running.
             if entry.future.running() or entry.future.set_running_or_notify_cancel():
                 taken.append(entry)
                 slotted += fits
                 if entry.suspect:
                     break
-        kept.extend(self._pending)
-        self._pending = kept
+        self._pending = deque(e for e in self._pending if id(e) not in gone)
         return taken
 
     def _admit(self, entries: list[PendingRow]) -> None:
@@ -113,18 +131,25 @@ class SlotRunner(ModelThread):
             else:
                 log.info("a row of %d tokens runs alone", entry.item.prompt_tokens)
                 self._run_alone(entry)
-        fitting.sort(key=lambda e: e.prompt_tokens)
+        # Interactive rows first, so they are in the first prefill; then by prompt length.
+        fitting.sort(key=lambda e: (e.lane != "interactive", e.prompt_tokens))
         group: list[PendingRow] = []
+        shortest = longest = 0
         for entry in fitting:
             # Bound the padding a left-padded prefill batch wastes, as the batcher does.
-            if group and entry.prompt_tokens > PREFILL_PAD_RATIO * group[0].prompt_tokens:
+            lo = min(shortest, entry.prompt_tokens) if group else entry.prompt_tokens
+            hi = max(longest, entry.prompt_tokens)
+            if group and hi > PREFILL_PAD_RATIO * lo:
                 self._prefill(group)
                 group = []
+                lo = hi = entry.prompt_tokens
             group.append(entry)
+            shortest, longest = lo, hi
         if group:
             self._prefill(group)
 
     def _run_alone(self, entry: PendingRow) -> None:
+        self._metrics.rows_active(len(self._live) + 1)
         self._enter([entry])
         try:
             output = self._engine.run_alone(entry.item, entry.deadline)
@@ -193,6 +218,7 @@ class SlotRunner(ModelThread):
     def _step(self) -> None:
         if not self._live:
             return
+        self._metrics.model_batch(len(self._live))
         self.busy_since = time.monotonic()
         try:
             finished = self._engine.step()
@@ -209,6 +235,9 @@ class SlotRunner(ModelThread):
 
     def _finish(self, entry: PendingRow, output: CaptionOutput) -> None:
         self._leave([entry])
+        # A row's whole time in the engine, prefill to last token: the slot engine has no
+        # per-call time that belongs to any one caption.
+        self._metrics.model_time(output.seconds)
         if output.finish_reason == "timeout":
             took = f"{output.seconds:.1f}s in the model"
             fail_row(entry, CaptionTimeout(f"captioning passed the task deadline ({took})"))

@@ -44,6 +44,7 @@ class BenchConfig:
     weights: str = "sdnq"  # sdnq | bf16 | int8
     mixed: bool = False  # caption lengths cycle through 1/8, 1/4, 1/2 and all of new_tokens
     models_dir: Path | None = None  # keep the benchmark model here and reuse it
+    single: bool = True  # also measure one image at a time (the batching speedup)
 
 
 def machine() -> dict[str, Any]:
@@ -180,7 +181,7 @@ def bench_engine(config: BenchConfig, settings: Settings, images: list[bytes]) -
     }
     runtime.start()
     try:
-        for label, size in (("one_at_a_time", 1), ("batched", config.max_batch)):
+        for label, size in sizes(config):
             latencies, tokens = [], 0
             started = time.perf_counter()
             for at in range(0, len(items), size):
@@ -197,11 +198,18 @@ def bench_engine(config: BenchConfig, settings: Settings, images: list[bytes]) -
             result[label] = {"batch": size, **_summary(latencies, wall, len(items), tokens)}
     finally:
         runtime.stop()
-    result["speedup"] = round(
-        result["batched"]["images_per_s"] / result["one_at_a_time"]["images_per_s"], 2
-    )
+    if "one_at_a_time" in result:
+        result["speedup"] = round(
+            result["batched"]["images_per_s"] / result["one_at_a_time"]["images_per_s"], 2
+        )
     result["peak_memory_gib"] = _peak_memory_gib()
     return result
+
+
+def sizes(config: BenchConfig) -> list[tuple[str, int]]:
+    """The batch sizes to measure: one at a time (unless ``single`` is off), then batched."""
+    batched = [("batched", config.max_batch)]
+    return [("one_at_a_time", 1), *batched] if config.single else batched
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from worker.devtools.bench import BenchConfig, new_tokens_for
+from worker.devtools.bench import BenchConfig, new_tokens_for, sizes
 from worker.settings import Settings, load_settings
 
 
@@ -50,7 +50,7 @@ def bench_path(
             s3.put_object(Bucket=bucket, Key=f"img-{i:05d}.png", Body=data)
             uris.append(f"s3://{bucket}/img-{i:05d}.png")
         result: dict[str, Any] = {}
-        for label, size in (("one_at_a_time", 1), ("batched", config.max_batch)):
+        for label, size in sizes(config):
             queue = f"bench-{uuid.uuid4().hex[:8]}"
             env = {
                 **s3_env,
@@ -79,9 +79,10 @@ def bench_path(
                     result[label] = _drive(producer, queue, uris, lengths)
                 finally:
                     producer.close()
-        result["speedup"] = round(
-            result["batched"]["tasks_per_s"] / result["one_at_a_time"]["tasks_per_s"], 2
-        )
+        if "one_at_a_time" in result:
+            result["speedup"] = round(
+                result["batched"]["tasks_per_s"] / result["one_at_a_time"]["tasks_per_s"], 2
+            )
         return result
 
 

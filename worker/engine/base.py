@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
 FinishReason = Literal["stop", "length", "timeout", "repetition"]
+#: Who is waiting for a row: a caller waiting on one caption (``interactive``), or a bulk
+#: run's image (``bulk``). Runners take interactive rows first (docs/batching.md, Lanes).
+Lane = Literal["interactive", "bulk"]
 PATCH_PIXELS = 32 * 32  # Qwen3-VL: one image token per 32x32 pixels after the 2x2 merge
 
 
@@ -131,12 +134,20 @@ class RowRunner(Protocol):
         """Whether the model thread is running."""
         ...
 
-    def expect(self) -> AbstractContextManager[None]:
-        """Mark a row as on its way (downloading, preparing) so a forming batch waits."""
+    def expect(self, lane: Lane = "interactive") -> AbstractContextManager[None]:
+        """Mark a row of ``lane`` as on its way (downloading, preparing) so a forming batch
+        waits for it (an interactive row is never held for bulk rows on their way)."""
         ...
 
     def submit(
-        self, item: PreparedInput, deadline: float, guard: RunGuard | None = None
+        self,
+        item: PreparedInput,
+        deadline: float,
+        guard: RunGuard | None = None,
+        lane: Lane = "interactive",
     ) -> Future[CaptionOutput]:
-        """Queue one prepared row; the future resolves to its caption or a typed error."""
+        """Queue one prepared row; the future resolves to its caption or a typed error.
+
+        Interactive rows are taken before bulk rows whenever the model takes rows.
+        """
         ...

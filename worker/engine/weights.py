@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from worker.errors import ConfigError
@@ -35,19 +36,39 @@ def _stored_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def numel(shape: Sequence[int]) -> int:
+    """Elements of a tensor of ``shape``."""
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+def layer_extra_bytes(
+    form: WeightForm, dtype_bytes: int, dense_numel: int, rows: int, stored_bytes: int
+) -> int:
+    """Bytes one SDNQ layer grows by (may be < 0) when served in ``form``: its dense weight
+    of ``dense_numel`` elements in the new form, minus the ``stored_bytes`` it takes now.
+
+    The one copy of this arithmetic: ``extra_bytes`` applies it to a loaded model's layers,
+    ``worker.engine.footprint`` to a checkpoint's safetensors headers.
+    """
+    if form == "sdnq":
+        return 0
+    per_weight = dtype_bytes if form == "bf16" else 1  # int8: one byte and a scale per row
+    scales = rows * 4 if form == "int8" else 0
+    return dense_numel * per_weight + scales - stored_bytes
+
+
 def extra_bytes(model: Any, form: WeightForm, dtype_bytes: int) -> int:
     """Bytes the converted model needs beyond what its SDNQ layers take now (may be < 0)."""
     if form == "sdnq":
         return 0
-    per_weight = dtype_bytes if form == "bf16" else 1  # int8: one byte and a scale per row
     extra = 0
     for layer in _sdnq_layers(model):
         shape = layer.sdnq_dequantizer.original_shape
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        scales = int(shape[0]) * 4 if form == "int8" else 0
-        extra += numel * per_weight + scales - _stored_bytes(layer)
+        stored = _stored_bytes(layer)
+        extra += layer_extra_bytes(form, dtype_bytes, numel(shape), int(shape[0]), stored)
     return extra
 
 

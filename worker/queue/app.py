@@ -17,9 +17,17 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    task_received,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from worker.errors import CaptionError
+from worker.ops.http import serve_operations
+from worker.queue.liveness import Liveness, start_liveness
 from worker.runtime.lifecycle import Lifecycle
 from worker.settings import get_settings
 
@@ -42,6 +50,7 @@ class CaptionApp(Celery):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lifecycle = Lifecycle()
+        self.liveness: Liveness | None = None
 
 
 app = CaptionApp("sdnq_caption_worker")
@@ -52,8 +61,12 @@ app.autodiscover_tasks(["worker.queue"], related_name="tasks", force=True)
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]
 def _start(sender: Any = None, **_: Any) -> None:
     name = sender if isinstance(sender, str) else socket.gethostname()
+    worker_id = f"{name}/{os.getpid()}"
     try:
-        app.lifecycle.start(get_settings(), f"{name}/{os.getpid()}")
+        # Before the model loads, so /readyz answers 503 (not nothing) while it does.
+        serve_operations(get_settings(), app.lifecycle)
+        app.lifecycle.start(get_settings(), worker_id)
+        app.liveness = start_liveness(app, get_settings(), worker_id, app.lifecycle.metrics.busy)
     except CaptionError as exc:
         # SystemExit passes through Celery's signal dispatch (it catches Exception only)
         # and becomes the worker's exit code before the consumer has reserved anything.
@@ -71,6 +84,21 @@ def _consuming(**_: Any) -> None:
     app.lifecycle.mark_consuming()
 
 
+@task_received.connect  # type: ignore[untyped-decorator]
+def _received(request: Any = None, **_: Any) -> None:
+    tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+    if app.liveness is not None and tag:
+        app.liveness.received(str(tag))
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _draining(**_: Any) -> None:
+    # Sent as a warm shutdown begins, before in-flight tasks finish: /readyz turns 503 now.
+    app.lifecycle.begin_shutdown()
+
+
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _stop(**_: Any) -> None:
     app.lifecycle.stop()
+    if app.liveness is not None:
+        app.liveness.stop()

@@ -18,6 +18,23 @@ DELIVERY_KEY = "caption:deliveries:{task_id}:{retry}"
 #: whose messages were lost with a broker.
 COUNTER_TTL_S = 7 * 86_400
 
+#: Live workers: a sorted set of worker id -> the Redis server time of its last heartbeat.
+WORKERS_KEY = "caption:workers"
+#: Workers declared dead whose work is not yet handed back (worker id -> time declared);
+#: an entry leaves once a live worker has finished handing its work back.
+DEAD_KEY = "caption:workers:dead"
+#: The broker deliveries (kombu delivery tags) a worker holds, so a live worker can hand
+#: them back to the queue once the holder's heartbeat stops.
+HELD_KEY = "caption:held:{worker}"
+#: Set when a worker is declared dead and its deliveries are handed back; a worker that
+#: finds its own (it was only stalled) exits instead of acknowledging work others now hold.
+FENCE_KEY = "caption:fenced:{worker}"
+#: What each worker achieves, for the exporter's queued-work estimate: worker id -> JSON
+#: ``{"generated_tokens_per_second": float, "at": unix seconds}``, written with each beat.
+RATES_KEY = "caption:workers:rates"
+#: How long a fence and an orphaned held set outlive their worker.
+LIVENESS_TTL_S = 86_400
+
 #: Celery's Redis result backend: one key per finished task.
 RESULT_META_KEY = "celery-task-meta-{task_id}"
 #: kombu's Redis transport: delivered but unacknowledged messages, and their delivery times.

@@ -2,7 +2,9 @@
 
 Each process owns one GPU (``CUDA_VISIBLE_DEVICES``), loads the model once and runs the
 threads pool. If one of them fails the host is degraded, so the rest are stopped too and
-the supervisor (compose, Kubernetes, systemd) restarts the whole unit.
+the supervisor (compose, Kubernetes, systemd) restarts the whole unit. Processes on one host
+must not share what identifies them to a probe or a scraper: process ``i`` serves its
+metrics on the base port + ``i`` and writes its ready file with its node's suffix.
 """
 
 from __future__ import annotations
@@ -59,16 +61,29 @@ class WorkerPlan:
         return f"{prefix} {' '.join(self.command)}"
 
 
-def plan_workers(devices: list[str], queue: str, log_level: str) -> list[WorkerPlan]:
-    """One process per GPU index, or one CPU process when there is none."""
-    if not devices:
-        return [
-            WorkerPlan(worker_command(queue, "cpu@%h", log_level), {"CUDA_VISIBLE_DEVICES": ""})
-        ]
-    return [
-        WorkerPlan(worker_command(queue, f"gpu{gpu}@%h", log_level), {"CUDA_VISIBLE_DEVICES": gpu})
-        for gpu in devices
-    ]
+def plan_workers(
+    devices: list[str],
+    queue: str,
+    log_level: str,
+    *,
+    metrics_port: int = 0,
+    ready_file: str | None = None,
+) -> list[WorkerPlan]:
+    """One process per GPU index, or one CPU process when there is none.
+
+    ``metrics_port`` (CAPTION_METRICS_PORT; 0: off): process ``i`` gets ``metrics_port + i``.
+    ``ready_file`` (CAPTION_READY_FILE): each process gets ``<ready_file>.<gpuN|cpu>``.
+    """
+    labels = [f"gpu{gpu}" for gpu in devices] or ["cpu"]
+    plans = []
+    for index, label in enumerate(labels):
+        env = {"CUDA_VISIBLE_DEVICES": devices[index] if devices else ""}
+        if metrics_port:
+            env["CAPTION_METRICS_PORT"] = str(metrics_port + index)
+        if ready_file:
+            env["CAPTION_READY_FILE"] = f"{ready_file}.{label}"
+        plans.append(WorkerPlan(worker_command(queue, f"{label}@%h", log_level), env))
+    return plans
 
 
 def run_workers(plans: list[WorkerPlan]) -> int:

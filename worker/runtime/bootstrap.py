@@ -1,7 +1,8 @@
 """The one place a worker is wired together: engine, runner, object store, service.
 
 The Celery worker (through the lifecycle), local captions and the benchmark all build
-their stack here, so a new engine or a metrics hook is added once.
+their stack here, so a new engine or a metrics hook is added once. The metrics hook reaches
+the runner and the service from here; without one, nothing is recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from worker.batching.batcher import Batcher
 from worker.batching.policy import BatchLimits
 from worker.engine.base import BatchEngine, CaptionEngine, RowRunner
 from worker.errors import ConfigError
+from worker.ops.metrics import NO_METRICS, MetricsHook
 from worker.runtime.service import CaptionService
 from worker.settings import Settings
 from worker.storage.s3 import ObjectStore
@@ -65,14 +67,19 @@ def load_engine(settings: Settings) -> CaptionEngine:
     return slots
 
 
-def make_runner(engine: CaptionEngine, settings: Settings, limits: BatchLimits) -> RowRunner:
+def make_runner(
+    engine: CaptionEngine,
+    settings: Settings,
+    limits: BatchLimits,
+    metrics: MetricsHook = NO_METRICS,
+) -> RowRunner:
     """The model thread for ``engine``: the slot runner or the whole-batch batcher."""
     if settings.engine == "slots":
         from worker.batching.slot_runner import SlotRunner
         from worker.engine.slot_engine import SlotEngine
 
-        return SlotRunner(cast(SlotEngine, engine))
-    return Batcher(cast(BatchEngine, engine), limits)
+        return SlotRunner(cast(SlotEngine, engine), metrics)
+    return Batcher(cast(BatchEngine, engine), limits, metrics)
 
 
 def batch_limits(settings: Settings) -> BatchLimits:
@@ -111,9 +118,16 @@ def build_runtime(
     *,
     engine: CaptionEngine | None = None,
     limits: BatchLimits | None = None,
+    metrics: MetricsHook = NO_METRICS,
 ) -> Runtime:
-    """Wire a worker around ``engine`` (loaded from settings when not given); not started."""
+    """Wire a worker around ``engine`` (loaded from settings when not given); not started.
+
+    ``metrics`` records what the runner and the service report (nothing by default).
+    """
     engine = engine if engine is not None else load_engine(settings)
-    runner = make_runner(engine, settings, limits or batch_limits(settings))
-    service = CaptionService(settings, engine, ObjectStore(settings), runner, worker_name)
+    metrics.model_loaded(engine.info)
+    runner = make_runner(engine, settings, limits or batch_limits(settings), metrics)
+    service = CaptionService(
+        settings, engine, ObjectStore(settings), runner, worker_name, metrics=metrics
+    )
     return Runtime(settings, engine, runner, service)

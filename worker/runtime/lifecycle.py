@@ -4,6 +4,9 @@ The model loads once, in the main process, before the queue consumes a single me
 failure while starting leaves the process DEFUNCT; the Celery adapter then exits non-zero,
 so nothing was reserved or acknowledged and a supervisor can restart it. Every state change
 goes through one table; a change it does not allow raises ``LifecycleError``.
+
+The lifecycle also answers the two probes an orchestrator asks (``/readyz``, ``/healthz``
+in ``worker.ops.http``) and owns the process's metrics, which it hands to the runtime.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import time
 from pathlib import Path
 
 from worker.errors import CaptionFailed, LifecycleError
+from worker.ops.metrics import Metrics
 from worker.runtime.bootstrap import Runtime, build_runtime, load_engine
 from worker.runtime.service import CaptionService
 from worker.runtime.watchdog import Watchdog
-from worker.settings import Settings
+from worker.settings import DEADLINE_GRACE_S, Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,13 @@ class Lifecycle:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._state = State.NEW
+        self._settings: Settings | None = None
         self._runtime: Runtime | None = None
+        self._watchdog: Watchdog | None = None
+        self._consuming = False  # the consumer is connected (Celery's worker_ready)
+        self._draining = False  # a warm shutdown has begun (Celery's worker_shutting_down)
+        self.metrics = Metrics()
+        self.metrics.watch_ready(lambda: self.not_ready() is None)
 
     @property
     def state(self) -> State:
@@ -66,6 +76,8 @@ class Lifecycle:
     def start(self, settings: Settings, worker_name: str) -> CaptionService:
         """Check settings, load the model, prove it answers, start the model thread."""
         self._to(State.STARTING)
+        self._settings = settings
+        self.metrics.serve_queue(settings.queue)
         if settings.ready_file:
             # A restarted container keeps the file of the process that died before it.
             Path(settings.ready_file).unlink(missing_ok=True)
@@ -75,14 +87,17 @@ class Lifecycle:
             engine = load_engine(settings)
             warm = engine.warm_up()
             log.info("warm-up caption answered in %.2fs", warm.seconds)
-            runtime = build_runtime(settings, worker_name, engine=engine).start()
+            runtime = build_runtime(
+                settings, worker_name, engine=engine, metrics=self.metrics
+            ).start()
             self._runtime = runtime
-            Watchdog(
+            self._watchdog = Watchdog(
                 runtime.runner,
                 settings.task_deadline_s + settings.hang_grace_s,
                 on_hung=self._hung,
                 keep_watching=lambda: self._state in (State.STARTING, State.READY),
-            ).start()
+            )
+            self._watchdog.start()
         except BaseException:
             self._to(State.DEFUNCT)
             raise
@@ -107,20 +122,64 @@ class Lifecycle:
 
     def mark_consuming(self) -> None:
         """Write the ready file once the consumer is connected and the model has answered."""
-        if self._state is State.READY and self._runtime is not None:
+        if self._state is State.READY and self._runtime is not None and not self._draining:
+            self._consuming = True
             ready_file = self._runtime.settings.ready_file
             if ready_file:
                 Path(ready_file).write_text(f"{self._runtime.service.worker_name}\n")
 
+    def begin_shutdown(self) -> None:
+        """A warm shutdown has begun: stop reporting ready while in-flight captions finish."""
+        self._draining = True
+        self._remove_ready_file()
+
+    def not_ready(self) -> str | None:
+        """Why the worker should not be sent work now, or None when it is ready.
+
+        Ready means: the model answered its warm-up caption, the consumer is connected, no
+        shutdown has begun, and the process is healthy.
+        """
+        if self._draining:
+            return "shutting down"
+        if self._state is not State.READY:
+            return str(self._state.value)
+        if not self._consuming:
+            return "model loaded, consumer not connected yet"
+        return self.unhealthy()
+
+    def unhealthy(self) -> str | None:
+        """Why the process should be replaced, or None while it is healthy.
+
+        Loading the model and shutting down are healthy; a dead model thread, a model call
+        running past the task deadline (a stuck kernel or driver; the watchdog ends the
+        process later, at the hang grace) and a failed start are not.
+        """
+        state, runtime, watchdog = self._state, self._runtime, self._watchdog
+        if state is State.DEFUNCT:
+            return "defunct: the start failed or a model call hung"
+        if runtime is None or watchdog is None:
+            return None
+        if state is State.READY and not runtime.runner.is_alive():
+            return "the model thread has died"
+        # Rows stop at their deadline between decode steps; one step is covered by the grace.
+        limit = runtime.settings.task_deadline_s + DEADLINE_GRACE_S
+        if watchdog.hung_for(limit_s=limit) is not None:
+            return f"a model call has run for over {limit:g}s, past every task deadline in it"
+        return None
+
+    def _remove_ready_file(self) -> None:
+        if self._settings is not None and self._settings.ready_file:
+            Path(self._settings.ready_file).unlink(missing_ok=True)
+
     def stop(self) -> None:
         """Let queued captions finish, then stop the model thread."""
+        self._draining = True
         if self._state not in (State.READY, State.DEFUNCT):
             return
         self._to(State.STOPPING)
+        self._remove_ready_file()
         if self._runtime is not None:
             settings = self._runtime.settings
-            if settings.ready_file:
-                Path(settings.ready_file).unlink(missing_ok=True)
             self._runtime.stop(timeout=settings.task_deadline_s)
         self._to(State.STOPPED)
         log.info("caption worker stopped")

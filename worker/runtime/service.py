@@ -13,9 +13,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from worker.contract import CaptionRequest, CaptionResult
-from worker.engine.base import CaptionEngine, PreparedInput, RowRunner, RunGuard
+from worker.engine.base import CaptionEngine, Lane, PreparedInput, RowRunner, RunGuard
 from worker.errors import CaptionTimeout, ModelMismatch
 from worker.images import decode_image, fit_pixel_budget
+from worker.ops.metrics import NO_METRICS, MetricsHook
 from worker.settings import DEADLINE_GRACE_S, Settings
 from worker.storage.s3 import ObjectStore, S3Location
 
@@ -29,6 +30,7 @@ class CaptionService:
     store: ObjectStore
     runner: RowRunner
     worker_name: str
+    metrics: MetricsHook = NO_METRICS
 
     def validate(self, request: CaptionRequest, *, local: bool = False) -> S3Location | None:
         """Refuse a request this worker cannot serve, before any work; its S3 location.
@@ -64,22 +66,27 @@ class CaptionService:
         return prepared, original_size
 
     def caption(
-        self, request: CaptionRequest, data: bytes | None = None, guard: RunGuard | None = None
+        self,
+        request: CaptionRequest,
+        data: bytes | None = None,
+        guard: RunGuard | None = None,
+        lane: Lane = "interactive",
     ) -> CaptionResult:
         """Caption the image a request names.
 
         ``data`` supplies the image bytes directly (local captions); tasks leave it None
-        and the image is fetched from the request's S3 URI.
+        and the image is fetched from the request's S3 URI. ``lane`` is who waits for it: the
+        runner takes interactive rows before bulk rows, and the metrics count it by lane.
         """
         deadline = time.monotonic() + self.settings.task_deadline_s
         location = self.validate(request, local=data is not None)
-        with self.runner.expect():
+        with self.runner.expect(lane):
             if location is not None:
                 data = self.store.fetch(location)
             if data is None:  # unreachable: either bytes were given or fetched
                 raise ValueError("no image bytes")
             prepared, original_size = self.prepare(request, data)
-            future = self.runner.submit(prepared, deadline, guard)
+            future = self.runner.submit(prepared, deadline, guard, lane)
         try:
             output = future.result(timeout=deadline - time.monotonic() + DEADLINE_GRACE_S)
         except FutureTimeout:
@@ -87,6 +94,7 @@ class CaptionService:
             raise CaptionTimeout(
                 f"no caption within the {self.settings.task_deadline_s:g}s task deadline"
             ) from None
+        self.metrics.caption_delivered(lane, output.prompt_tokens, output.generated_tokens)
         info = self.engine.info
         provenance = info.provenance
         return CaptionResult(

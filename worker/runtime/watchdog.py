@@ -37,12 +37,17 @@ class Watchdog:
         """Start watching in a daemon thread."""
         self._thread.start()
 
-    def hung_for(self, now: float | None = None) -> float | None:
-        """Seconds the current model call has run past the limit, or None."""
+    def hung_for(self, now: float | None = None, limit_s: float | None = None) -> float | None:
+        """Seconds the current model call has run past the limit, or None.
+
+        ``limit_s`` asks about another limit than the one that ends the process (the
+        health check asks about the task deadline, well before the process ends).
+        """
         since = self._runner.busy_since
         if since is None:
             return None
-        over = (time.monotonic() if now is None else now) - since - self._limit_s
+        limit = self._limit_s if limit_s is None else limit_s
+        over = (time.monotonic() if now is None else now) - since - limit
         return over if over > 0 else None
 
     def _loop(self) -> None:

@@ -98,29 +98,37 @@ class S3Location:
         return f"{SCHEME}{self.bucket}/{self.key}"
 
 
+def s3_client(settings: Settings, *, max_pool_connections: int = 10) -> Any:
+    """A boto3 S3 client with this project's timeouts, retries and compatibility settings.
+
+    Thread-safe; ``max_pool_connections`` bounds the requests it runs at once.
+    """
+    config = Config(
+        # botocore's "max_attempts" key counts retries AFTER the first request;
+        # "total_max_attempts" counts requests, which is what CAPTION_S3_MAX_ATTEMPTS
+        # means (ge=1). Standard mode retries 5xx, throttling and connection errors.
+        retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
+        connect_timeout=settings.s3_connect_timeout_s,
+        read_timeout=settings.s3_read_timeout_s,
+        s3={"addressing_style": settings.s3_addressing_style},
+        # Newer botocore sends and checks CRC checksums by default; MinIO and older
+        # Ceph reject or omit them, so only do so where the API requires it.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=max_pool_connections,
+    )
+    # Clients are thread-safe, sessions are not, so the session lives only long enough to
+    # build the client.
+    return boto3.session.Session().client("s3", config=config)
+
+
 class ObjectStore:
     """Reads whole objects from one S3-compatible store, never more than the byte cap."""
 
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
         self._settings = settings
-        if client is None:
-            config = Config(
-                # botocore's "max_attempts" key counts retries AFTER the first request;
-                # "total_max_attempts" counts requests, which is what CAPTION_S3_MAX_ATTEMPTS
-                # means (ge=1). Standard mode retries 5xx, throttling and connection errors.
-                retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
-                connect_timeout=settings.s3_connect_timeout_s,
-                read_timeout=settings.s3_read_timeout_s,
-                s3={"addressing_style": settings.s3_addressing_style},
-                # Newer botocore sends and checks CRC checksums by default; MinIO and older
-                # Ceph reject or omit them, so only do so where the API requires it.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            # One client per process: clients are thread-safe, sessions are not, so the
-            # session lives only long enough to build it.
-            client = boto3.session.Session().client("s3", config=config)
-        self._client: Any = client
+        # One client per process, shared by the task threads.
+        self._client: Any = client if client is not None else s3_client(settings)
 
     def check_allowed(self, loc: S3Location) -> None:
         """Raise ImageAccessDenied if an allowlist is set and does not name the bucket."""

@@ -1,0 +1,1 @@
+"""Fleet operations: metrics and health over HTTP, liveness, diagnostics."""
