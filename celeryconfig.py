@@ -24,7 +24,11 @@ accept_content = ["json"]
 result_accept_content = ["json"]
 
 task_default_queue = _s.queue
-task_routes = {"caption": {"queue": _s.queue}}
+task_routes = {
+    "caption": {"queue": _s.queue},
+    # Bulk shards (docs/bulk.md); submit names the run's queue itself, this is the default.
+    "caption_bulk_shard": {"queue": _s.bulk_queue or "captions-bulk"},
+}
 
 # Acknowledge after the caption is stored: a worker that dies mid-task loses nothing.
 task_acks_late = True
@@ -60,6 +64,9 @@ _redis_transport: dict[str, Any] = {
     "socket_keepalive": True,
     "health_check_interval": 10,
     "retry_on_timeout": True,
+    # A worker consumes its own queue, then the bulk queue (CAPTION_BULK_QUEUE): always ask
+    # in that order (the default rotates), so an interactive task is taken before a shard.
+    "queue_order_strategy": "priority",
 }
 # With RabbitMQ, a dead worker's unacknowledged messages return when its connection drops;
 # none of the Redis transport's options apply.

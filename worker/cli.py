@@ -50,6 +50,7 @@ def worker(
         settings.log_level,
         metrics_port=settings.metrics_port,
         ready_file=settings.ready_file,
+        bulk_queue=settings.bulk_queue,
     )
     if dry_run:
         for plan in plans:
@@ -333,12 +334,16 @@ def bulk_submit(
         str, typer.Option(help="skip (what earlier runs captioned) or overwrite.")
     ] = "skip",
     queue: Annotated[str, typer.Option(help="Queue of the shard tasks.")] = "captions-bulk",
+    window: Annotated[
+        int, typer.Option(min=1, help="Shard messages queued at once (the fleet sends the rest).")
+    ] = 16,
     dry_run: Annotated[bool, typer.Option(help="Plan and count; write nothing.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Plan a bulk run: list the source, skip what is done, write inputs/ and run.json.
+    """Plan a bulk run and start it: list the source, skip what is done, write inputs/ and
+    run.json, then queue the first --window shards; workers run the rest.
 
-    Prints the run id, or one JSON object with --json. Nothing is enqueued yet.
+    Prints the run id, or one JSON object with --json.
     """
     import sys
 
@@ -368,23 +373,94 @@ def bulk_submit(
         argv=("caption-worker", *sys.argv[1:]),
         dry_run=dry_run,
     )
+    settings = load_settings()
     try:
-        summary = plan_run(load_settings(), options)
+        summary = plan_run(settings, options)
     except CaptionError as exc:  # refused or failed: nothing enqueued
         raise _fail(exc, 1 if exc.retryable else 2) from None
-    if json_output:
-        typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
-    elif dry_run:
-        for name, value in summary.to_json().items():
-            typer.echo(f"{name}: {value}")
+    report = summary.to_json()
     if not dry_run:
-        typer.echo(
-            "note: the run is planned in S3, but execution of bulk runs by workers is not "
-            "available yet; nothing was enqueued",
-            err=True,
+        try:
+            report["enqueued"] = _start_run(settings, summary, queue, window)
+        except Exception as exc:
+            typer.echo(
+                f"error: {type(exc).__name__}: {exc}; the run is planned at {summary.output} "
+                "but was not started",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+    if json_output:
+        typer.echo(json.dumps(report, ensure_ascii=False))
+    elif dry_run:
+        for name, value in report.items():
+            typer.echo(f"{name}: {value}")
+    else:
+        typer.echo(summary.run_id)
+
+
+def _start_run(settings: Any, summary: Any, queue: str, window: int) -> int:
+    """Record a planned run in Redis and queue its first window of shards; how many."""
+    from celery import Celery
+
+    from worker.bulk.runfiles import RunFiles, layout_of
+    from worker.bulk.state import RunState, redis_for
+    from worker.bulk.status import finish_run
+    from worker.queue.bulk_task import send_shard
+    from worker.storage.s3 import s3_client
+
+    counts = {
+        "total": summary.total,
+        "to_caption": summary.to_caption,
+        "skipped": summary.skipped,
+        "shards": summary.shards,
+    }
+    client = redis_for(settings)
+    try:
+        ledger = RunState(client)
+        shards = ledger.create(
+            summary.run_id, output=summary.output, queue=queue, counts=counts, window=window
         )
-        if not json_output:
-            typer.echo(summary.run_id)
+        if not summary.shards:  # nothing to caption: the run is done as planned
+            finish_run(RunFiles(s3_client(settings), layout_of(summary.output)), ledger)
+            return 0
+        producer = Celery("caption-bulk", broker=settings.broker_url)
+        producer.conf.update(task_serializer="json", accept_content=["json"])
+        try:
+            for shard in shards:
+                send_shard(producer, queue, summary.run_id, shard, summary.output)
+        finally:
+            producer.close()
+        return len(shards)
+    finally:
+        client.close()
+
+
+@bulk_app.command("status")
+def bulk_status(
+    run: Annotated[str, typer.Argument(help="The run id, or the run's s3:// directory.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Where a run stands: counts, rate and ETA from Redis, or from S3 when Redis has none."""
+    from worker.bulk.state import redis_for
+    from worker.bulk.status import STATUS_FIELDS, run_status
+    from worker.storage.s3 import s3_client
+
+    try:
+        settings = load_settings()
+        client = redis_for(settings)
+        try:
+            status = run_status(settings, run, client, s3_client(settings))
+        finally:
+            client.close()
+    except CaptionError as exc:
+        raise _fail(exc, 1 if exc.retryable else 2) from None
+    except Exception as exc:  # Redis unreachable
+        raise _fail(exc) from None
+    if json_output:
+        typer.echo(json.dumps(status, ensure_ascii=False))
+        return
+    for name in (*STATUS_FIELDS, *(k for k in status if k not in STATUS_FIELDS)):
+        typer.echo(f"{name}: {status.get(name)}")
 
 
 def main() -> None:

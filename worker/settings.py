@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     broker_url: str = LOCAL_REDIS
     result_backend: str = LOCAL_REDIS
     queue: str = "captions"
+    # The queue of bulk shard tasks this worker also consumes (after its own); empty: none.
+    bulk_queue: str = "captions-bulk"
     result_expires_s: int = Field(86_400, ge=60)
     # Redis: how long a reserved, unacknowledged task stays invisible to other workers.
     visibility_timeout_s: int = Field(3_600, ge=5)

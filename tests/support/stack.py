@@ -60,6 +60,9 @@ def worker_env(
         "CAPTION_BROKER_URL": f"{redis_base}/{BROKER_DB}",
         "CAPTION_RESULT_BACKEND": f"{redis_base}/{BACKEND_DB}",
         "CAPTION_QUEUE": queue,
+        # Workers also consume a bulk queue; each stack has its own, so no stack takes
+        # another's shards (or a developer's, on the machine's shared Redis).
+        "CAPTION_BULK_QUEUE": f"{queue}-bulk",
         "CAPTION_MODEL": str(model_dir),
         "CAPTION_DTYPE": "float32",
         "CAPTION_AUTO_DOWNLOAD": "false",
@@ -184,6 +187,8 @@ class WorkerStack:
             # The queue lives on the shared RabbitMQ: leave nothing of this stack there.
             with Connection(self.base_env["CAPTION_BROKER_URL"]) as conn:
                 conn.default_channel.queue_delete(self.queue)
+                if self.bulk_queue:
+                    conn.default_channel.queue_delete(self.bulk_queue)
         if self._owned_redis is not None:
             self._owned_redis.stop()
             self._owned_redis = None
@@ -194,6 +199,11 @@ class WorkerStack:
     def amqp(self) -> bool:
         """Whether the broker is RabbitMQ (results are in Redis either way)."""
         return self.base_env.get("CAPTION_BROKER_URL", "").startswith("amqp")
+
+    @property
+    def bulk_queue(self) -> str:
+        """The bulk queue this stack's workers consume after their own."""
+        return self.base_env.get("CAPTION_BULK_QUEUE", "")
 
     @property
     def producer(self) -> Celery:

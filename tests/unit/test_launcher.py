@@ -75,3 +75,13 @@ def test_port_zero_and_no_ready_file_leave_the_environment_alone() -> None:
     # 0 (off) is inherited by every process as it is; no ready file means none to suffix.
     plans = plan_workers(["0", "1"], "captions", "INFO", metrics_port=0, ready_file=None)
     assert [p.env for p in plans] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+
+
+def test_workers_consume_their_queue_then_the_bulk_queue() -> None:
+    [plan] = plan_workers([], "captions", "INFO", bulk_queue="captions-bulk")
+    command = plan.command
+    assert command[command.index("--queues") + 1] == "captions,captions-bulk"
+    # No bulk queue, or the bulk lane's own deployment (its queue is the bulk queue): one.
+    for queue, bulk in (("captions", ""), ("captions-bulk", "captions-bulk")):
+        command = worker_command(queue, "cpu@%h", "INFO", bulk)
+        assert command[command.index("--queues") + 1] == queue

@@ -56,11 +56,17 @@ class CaptionApp(Celery):  # type: ignore[misc]
 app = CaptionApp("sdnq_caption_worker")
 app.config_from_object("celeryconfig")
 app.autodiscover_tasks(["worker.queue"], related_name="tasks", force=True)
+app.autodiscover_tasks(["worker.queue"], related_name="bulk_task", force=True)
 
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]
-def _start(sender: Any = None, **_: Any) -> None:
+def _start(sender: Any = None, instance: Any = None, **_: Any) -> None:
     name = sender if isinstance(sender, str) else socket.gethostname()
+    bulk_queue = get_settings().bulk_queue
+    if bulk_queue and instance is not None:
+        # Every worker also serves bulk shards, after its own queue (however it was
+        # started: caption-worker worker names both, a plain ``celery worker -Q`` one).
+        instance.app.amqp.queues.select_add(bulk_queue)
     worker_id = f"{name}/{os.getpid()}"
     try:
         # Before the model loads, so /readyz answers 503 (not nothing) while it does.

@@ -47,3 +47,16 @@ PRIORITY_SEPARATOR = "\x06\x16"
 def queue_lists(queue: str) -> list[str]:
     """The Redis lists kombu uses for one queue: the base list and its priority lists."""
     return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{level}" for level in (3, 6, 9)]
+
+
+#: A bulk run's state (docs/bulk.md, "Execution"): a hash with ``state`` (running, done),
+#: the plan's counts, the counters of finished shards, ``next_shard`` (shards sent so far)
+#: and ``shards_done``. Kept until deleted: a run's record is small and status reads it.
+BULK_RUN_KEY = "caption:bulk:{run_id}"
+#: Run ids this Redis knows (a set).
+BULK_RUNS_KEY = "caption:bulk:runs"
+#: A bitmap: bit N is set once shard N's output is written and counted.
+BULK_DONE_KEY = "caption:bulk:{run_id}:done"
+#: Shards in progress: shard number -> JSON counters as of its last checkpoint (the entry
+#: goes when the shard finishes and its counters move into the run's hash).
+BULK_PROGRESS_KEY = "caption:bulk:{run_id}:progress"

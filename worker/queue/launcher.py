@@ -18,11 +18,15 @@ import time
 from dataclasses import dataclass
 
 
-def worker_command(queue: str, node: str, log_level: str = "INFO") -> list[str]:
-    """The ``celery worker`` command line for one device."""
+def worker_command(
+    queue: str, node: str, log_level: str = "INFO", bulk_queue: str = ""
+) -> list[str]:
+    """The ``celery worker`` command line for one device: its queue, then the bulk queue
+    (``CAPTION_BULK_QUEUE``; empty: none), in the order the worker asks them."""
+    queues = ",".join(dict.fromkeys(q for q in (queue, bulk_queue) if q))
     return [
         sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "--queues", queue, "--hostname", node, "--loglevel", log_level,
+        "--queues", queues, "--hostname", node, "--loglevel", log_level,
         # Gossip and mingle only add start-up delay and broker chatter for this workload.
         "--without-gossip", "--without-mingle",
     ]  # fmt: skip
@@ -68,6 +72,7 @@ def plan_workers(
     *,
     metrics_port: int = 0,
     ready_file: str | None = None,
+    bulk_queue: str = "",
 ) -> list[WorkerPlan]:
     """One process per GPU index, or one CPU process when there is none.
 
@@ -82,7 +87,8 @@ def plan_workers(
             env["CAPTION_METRICS_PORT"] = str(metrics_port + index)
         if ready_file:
             env["CAPTION_READY_FILE"] = f"{ready_file}.{label}"
-        plans.append(WorkerPlan(worker_command(queue, f"{label}@%h", log_level), env))
+        command = worker_command(queue, f"{label}@%h", log_level, bulk_queue)
+        plans.append(WorkerPlan(command, env))
     return plans
 
 
