@@ -20,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -32,9 +31,8 @@ from worker.bulk.state import ShardCounts, ShardFinish
 from worker.bulk.status import finish_run
 from worker.contract import CaptionRequest, GenerationOptions, parse_request
 from worker.engine.base import CaptionOutput
-from worker.errors import CaptionError, CaptionFailed, CaptionTimeout
+from worker.errors import CaptionError, CaptionFailed
 from worker.runtime.service import CaptionService
-from worker.settings import DEADLINE_GRACE_S
 from worker.storage.s3 import S3Location
 
 log = logging.getLogger(__name__)
@@ -236,14 +234,7 @@ class ShardCaptioner:
     def _finish(self, item: Line, started: Future[_Row]) -> Line:
         try:
             future, deadline = started.result()
-            try:
-                output = future.result(timeout=deadline - time.monotonic() + DEADLINE_GRACE_S)
-            except FutureTimeout:
-                future.cancel()
-                raise CaptionTimeout(
-                    f"no caption within the {self.service.settings.task_deadline_s:g}s "
-                    "task deadline"
-                ) from None
+            output = self.service.wait_for(future, deadline)
         except Exception as exc:
             return error_line(item, self.plan, exc)
         self.service.metrics.caption_delivered(

@@ -9,11 +9,19 @@ queue.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from worker.contract import CaptionRequest, CaptionResult
-from worker.engine.base import CaptionEngine, Lane, PreparedInput, RowRunner, RunGuard
+from worker.engine.base import (
+    CaptionEngine,
+    CaptionOutput,
+    Lane,
+    PreparedInput,
+    RowRunner,
+    RunGuard,
+)
 from worker.errors import CaptionTimeout, ModelMismatch
 from worker.images import decode_image, fit_pixel_budget
 from worker.ops.metrics import NO_METRICS, MetricsHook
@@ -65,6 +73,17 @@ class CaptionService:
         )
         return prepared, original_size
 
+    def wait_for(self, future: Future[CaptionOutput], deadline: float) -> CaptionOutput:
+        """A submitted row's output; CaptionTimeout (and the row cancelled) once its
+        deadline, plus one decode step of grace, has passed."""
+        try:
+            return future.result(timeout=deadline - time.monotonic() + DEADLINE_GRACE_S)
+        except FutureTimeout:
+            future.cancel()
+            raise CaptionTimeout(
+                f"no caption within the {self.settings.task_deadline_s:g}s task deadline"
+            ) from None
+
     def caption(
         self,
         request: CaptionRequest,
@@ -87,13 +106,7 @@ class CaptionService:
                 raise ValueError("no image bytes")
             prepared, original_size = self.prepare(request, data)
             future = self.runner.submit(prepared, deadline, guard, lane)
-        try:
-            output = future.result(timeout=deadline - time.monotonic() + DEADLINE_GRACE_S)
-        except FutureTimeout:
-            future.cancel()
-            raise CaptionTimeout(
-                f"no caption within the {self.settings.task_deadline_s:g}s task deadline"
-            ) from None
+        output = self.wait_for(future, deadline)
         self.metrics.caption_delivered(lane, output.prompt_tokens, output.generated_tokens)
         info = self.engine.info
         provenance = info.provenance
