@@ -9,6 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
+from worker.cli_bulk import bulk_app
+from worker.cli_output import fail as _fail
+from worker.cli_output import print_json as _print_json
 from worker.errors import CaptionError
 from worker.settings import load_settings
 
@@ -19,13 +22,7 @@ app = typer.Typer(
 )
 
 
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
-
-
-def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-    return typer.Exit(code)
+app.add_typer(bulk_app, name="bulk")
 
 
 @app.command()
@@ -196,17 +193,37 @@ def exporter(
 ) -> None:
     """Serve queue depth and queued GPU work for autoscaling on /metrics (one per deployment).
 
-    Reads the Redis broker (CAPTION_BROKER_URL) at every scrape.
+    Reads the Redis broker (CAPTION_BROKER_URL) at every scrape, and the bulk runs recorded
+    in the result backend (a bulk queue's work is its runs' remaining items).
     """
-    from worker.ops.exporter import DEFAULT_TOKENS_PER_SECOND, ExporterOptions, run_exporter
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from worker.bulk.state import redis_for
+    from worker.bulk.work import BulkRunsSource
+    from worker.ops.exporter import (
+        DEFAULT_TOKENS_PER_SECOND,
+        REDIS_TIMEOUT_S,
+        ExporterOptions,
+        TokenPolicy,
+        run_exporter,
+    )
+    from worker.storage.redis_client import is_redis_url
 
     try:
         settings = load_settings()
+        # Bulk runs' remaining items, read from the result backend where runs are recorded
+        # (with the broker client's short timeouts and no retries inside a scrape).
+        sources: tuple[BulkRunsSource, ...] = ()
+        if is_redis_url(settings.result_backend):
+            client = redis_for(settings, REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+            sources = (BulkRunsSource(client, TokenPolicy.from_settings(settings).default),)
         options = ExporterOptions(
             queues=tuple(dict.fromkeys(queue or [settings.queue])),
             port=port,
             sample=sample,
             tokens_per_second=tokens_per_second or DEFAULT_TOKENS_PER_SECOND,
+            sources=sources,
         )
         raise typer.Exit(run_exporter(settings, options))
     except CaptionError as exc:  # settings, a broker that is not Redis, a taken port
@@ -289,178 +306,6 @@ def bench(
     _print_json(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))
-
-
-bulk_app = typer.Typer(
-    help="Bulk runs: caption every image under an S3 prefix or in a manifest (docs/bulk.md).",
-    no_args_is_help=True,
-)
-app.add_typer(bulk_app, name="bulk")
-
-
-@bulk_app.command("submit")
-def bulk_submit(
-    source: Annotated[
-        str,
-        typer.Argument(
-            help="s3://bucket/prefix/, or a .txt / .jsonl manifest (local path or s3://)."
-        ),
-    ],
-    out: Annotated[str, typer.Option(help="s3://bucket/prefix: runs go beneath it.")],
-    include: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="GLOB",
-            help="Keys to take, relative to the prefix; repeat (default: image extensions).",
-        ),
-    ] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option(metavar="GLOB", help="Keys to leave out; repeat.")
-    ] = None,
-    prompt: Annotated[str | None, typer.Option(help="Instruction for the model.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Caption length cap.")] = None,
-    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy.")] = False,
-    temperature: Annotated[float | None, typer.Option(help="With --do-sample.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="With --do-sample.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="With --do-sample.")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option(help="With --do-sample.")] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="Pixel budget per image.")] = None,
-    shard_size: Annotated[int, typer.Option(min=1, help="Items per shard.")] = 1_000,
-    sidecars: Annotated[
-        str, typer.Option(help="none, next-to-image or s3://bucket/prefix.")
-    ] = "none",
-    if_exists: Annotated[
-        str, typer.Option(help="skip (what earlier runs captioned) or overwrite.")
-    ] = "skip",
-    queue: Annotated[str, typer.Option(help="Queue of the shard tasks.")] = "captions-bulk",
-    window: Annotated[
-        int, typer.Option(min=1, help="Shard messages queued at once (the fleet sends the rest).")
-    ] = 16,
-    dry_run: Annotated[bool, typer.Option(help="Plan and count; write nothing.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Plan a bulk run and start it: list the source, skip what is done, write inputs/ and
-    run.json, then queue the first --window shards; workers run the rest.
-
-    Prints the run id, or one JSON object with --json.
-    """
-    import sys
-
-    from worker.bulk.plan import BulkOptions, plan_run
-
-    arguments = {
-        "prompt": prompt,
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample or None,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "repetition_penalty": repetition_penalty,
-        "seed": seed,
-        "max_pixels": max_pixels,
-    }
-    options = BulkOptions(
-        source=source,
-        out=out,
-        include=tuple(include) if include else None,
-        exclude=tuple(exclude or ()),
-        arguments={name: value for name, value in arguments.items() if value is not None},
-        shard_size=shard_size,
-        sidecars=sidecars,
-        if_exists=if_exists,
-        queue=queue,
-        argv=("caption-worker", *sys.argv[1:]),
-        dry_run=dry_run,
-    )
-    settings = load_settings()
-    try:
-        summary = plan_run(settings, options)
-    except CaptionError as exc:  # refused or failed: nothing enqueued
-        raise _fail(exc, 1 if exc.retryable else 2) from None
-    report = summary.to_json()
-    if not dry_run:
-        try:
-            report["enqueued"] = _start_run(settings, summary, queue, window)
-        except Exception as exc:
-            typer.echo(
-                f"error: {type(exc).__name__}: {exc}; the run is planned at {summary.output} "
-                "but was not started",
-                err=True,
-            )
-            raise typer.Exit(1) from None
-    if json_output:
-        typer.echo(json.dumps(report, ensure_ascii=False))
-    elif dry_run:
-        for name, value in report.items():
-            typer.echo(f"{name}: {value}")
-    else:
-        typer.echo(summary.run_id)
-
-
-def _start_run(settings: Any, summary: Any, queue: str, window: int) -> int:
-    """Record a planned run in Redis and queue its first window of shards; how many."""
-    from celery import Celery
-
-    from worker.bulk.runfiles import RunFiles, layout_of
-    from worker.bulk.state import RunState, redis_for
-    from worker.bulk.status import finish_run
-    from worker.queue.bulk_task import send_shard
-    from worker.storage.s3 import s3_client
-
-    counts = {
-        "total": summary.total,
-        "to_caption": summary.to_caption,
-        "skipped": summary.skipped,
-        "shards": summary.shards,
-    }
-    client = redis_for(settings)
-    try:
-        ledger = RunState(client)
-        shards = ledger.create(
-            summary.run_id, output=summary.output, queue=queue, counts=counts, window=window
-        )
-        if not summary.shards:  # nothing to caption: the run is done as planned
-            finish_run(RunFiles(s3_client(settings), layout_of(summary.output)), ledger)
-            return 0
-        producer = Celery("caption-bulk", broker=settings.broker_url)
-        producer.conf.update(task_serializer="json", accept_content=["json"])
-        try:
-            for shard in shards:
-                send_shard(producer, queue, summary.run_id, shard, summary.output)
-        finally:
-            producer.close()
-        return len(shards)
-    finally:
-        client.close()
-
-
-@bulk_app.command("status")
-def bulk_status(
-    run: Annotated[str, typer.Argument(help="The run id, or the run's s3:// directory.")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Where a run stands: counts, rate and ETA from Redis, or from S3 when Redis has none."""
-    from worker.bulk.state import redis_for
-    from worker.bulk.status import STATUS_FIELDS, run_status
-    from worker.storage.s3 import s3_client
-
-    try:
-        settings = load_settings()
-        client = redis_for(settings)
-        try:
-            status = run_status(settings, run, client, s3_client(settings))
-        finally:
-            client.close()
-    except CaptionError as exc:
-        raise _fail(exc, 1 if exc.retryable else 2) from None
-    except Exception as exc:  # Redis unreachable
-        raise _fail(exc) from None
-    if json_output:
-        typer.echo(json.dumps(status, ensure_ascii=False))
-        return
-    for name in (*STATUS_FIELDS, *(k for k in status if k not in STATUS_FIELDS)):
-        typer.echo(f"{name}: {status.get(name)}")
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ from worker.settings import Settings
 
 #: The task's registered name; producers send it with ``send_task``.
 TASK_NAME = "caption"
+#: The bulk shard task's name (``worker.queue.bulk_task``); ``bulk submit`` sends it by name.
+SHARD_TASK_NAME = "caption_bulk_shard"
 DEFAULT_MAX_NEW_TOKENS = 512
 
 

@@ -1,25 +1,32 @@
-"""Planning streams: a 12,000-key listing is planned holding one page and a few shards,
-never the listing. Real moto S3 over HTTP; Python allocations measured with tracemalloc."""
+"""Bulk runs are bounded: planning a 20,000-key listing holds one page and a few shards, never
+the listing (Python allocations measured with tracemalloc), and a started run costs Redis
+about the same whatever its size. Real moto S3 over HTTP, a private redis-server."""
 
 from __future__ import annotations
 
 import time
 import tracemalloc
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.integration.test_bulk_plan import listing, put_many
+from worker.bulk.control import ShardSender, start_run
 from worker.bulk.plan import BulkOptions, make_client, plan_run
+from worker.bulk.runfiles import RunFiles, layout_of
 from worker.bulk.sources import DEFAULT_INCLUDE, KeyFilter, list_prefix
+from worker.bulk.state import RunState
 from worker.devtools.loopback import LoopbackS3
+from worker.devtools.redis_server import RedisServer
 from worker.settings import Settings
 
-# Creating 12,000 objects takes moto about 50 s on a 2-core machine.
-pytestmark = pytest.mark.timeout(600)
+# Creating 20,000 objects takes moto about 85 s on a 2-core machine.
+pytestmark = pytest.mark.timeout(900)
 
-KEYS = 12_000
+KEYS = 20_000
 PAGE_SIZE = 100
 SHARD_SIZE = 500
 
@@ -75,8 +82,63 @@ def test_planning_a_large_listing_holds_a_page_not_the_listing(
     )
     # Planning holds one parsed page (PAGE_SIZE keys), one shard buffer per writer and at
     # most 2 x UPLOAD_WORKERS shard bodies in flight: O(page + shards in flight), whatever
-    # the key count. Holding the listing is O(keys): 12,000 items of ~340 bytes each, before
+    # the key count. Holding the listing is O(keys): 20,000 items of ~340 bytes each, before
     # any shard text. A quarter of that leaves room for boto3's per-request objects while
     # still failing if anything grows with the listing. (SQLite's page cache is C memory,
     # unseen by tracemalloc; it is bounded by SQLite's cache_size, about 2 MiB.)
     assert peak < held_bytes / 4, (peak, held_bytes)
+
+
+def test_redis_holds_about_the_same_for_a_run_ten_times_larger(
+    big_prefix: str, bucket: str, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    try:
+        settings = Settings(
+            allowed_buckets=(big_prefix,), output_buckets=(bucket,),
+            broker_url=f"{server.url}/0", result_backend=f"{server.url}/1",
+        )  # fmt: skip
+        admin = redis.Redis.from_url(f"{server.url}/0")
+        client = make_client(settings)
+        used, keys = {}, {}
+        for items, include in ((2_000, ("000/*", "001/*")), (KEYS, None)):
+            admin.flushall()
+            options = BulkOptions(
+                f"s3://{big_prefix}/images/", f"s3://{bucket}/sized", include=include,
+                shard_size=100, if_exists="overwrite",
+            )  # fmt: skip
+            plan = plan_run(settings, options, client)
+            assert plan.to_caption == items
+            files = RunFiles(client, layout_of(plan.output))
+            ledger_client = redis.Redis.from_url(settings.result_backend)
+            with ShardSender.for_broker(settings.broker_url) as sender:
+                sent = start_run(
+                    RunState(ledger_client), files, sender, counts=plan.counts,
+                    max_new_tokens=plan.max_new_tokens, queue="bulk-sized", window=16,
+                )  # fmt: skip
+            ledger_client.close()
+            assert sent == 16 and admin.llen("bulk-sized") == 16
+            used[items] = int(admin.info("memory")["used_memory"])
+            keys[items] = key_bytes(server.url)
+        print(
+            f"\nRedis for a started run of 2,000 items (20 shards) / {KEYS:,} items (200 "
+            f"shards): used_memory {used[2_000]:,} / {used[KEYS]:,} bytes; the run's keys "
+            f"{keys[2_000]:,} / {keys[KEYS]:,} bytes"
+        )
+        # Per run, Redis holds a hash, a done bitmap (one bit a shard) and the window's 16
+        # shard messages: nothing per item.
+        assert used[KEYS] <= 2 * used[2_000], used
+        assert keys[KEYS] <= 2 * keys[2_000], keys
+        admin.close()
+    finally:
+        server.stop()
+
+
+def key_bytes(url: str) -> int:
+    """MEMORY USAGE summed over every key of databases 0 (broker) and 1 (results)."""
+    total = 0
+    for db in (0, 1):
+        client = redis.Redis.from_url(f"{url}/{db}")
+        total += sum(int(client.memory_usage(key) or 0) for key in client.scan_iter())
+        client.close()
+    return total

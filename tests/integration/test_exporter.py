@@ -22,6 +22,8 @@ from celery import Celery
 from kombu import Connection, Queue
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker.bulk.state import RunState
+from worker.bulk.work import BulkRunsSource
 from worker.client import SENT_AT_HEADER
 from worker.devtools.loopback import free_port
 from worker.devtools.redis_server import RedisServer
@@ -38,6 +40,7 @@ from worker.queue.keys import RATES_KEY, UNACKED_KEY, queue_lists
 from worker.settings import Settings
 
 QUEUE, OTHER = "exporter-captions", "exporter-other"
+RUN_ID = "20260101-000000-aaaaaa"
 POLICY = TokenPolicy(default=512, limit=4096)
 
 
@@ -268,3 +271,43 @@ def test_the_endpoint_answers_200_with_up_0_when_redis_is_unreachable() -> None:
     assert samples["caption_exporter_up"] == 0.0
     assert samples["caption_exporter_scrape_errors_total"] == 1.0
     assert "caption_queue_waiting" not in samples
+
+
+def test_a_bulk_queue_is_costed_by_its_runs_remaining_items_not_its_messages(
+    server: RedisServer, broker: redis.Redis, producer: Celery
+) -> None:
+    bulk = "exporter-bulk"
+    results = server.client(1)
+    state = RunState(results)
+    counts = {"total": 1_000, "to_caption": 900, "skipped": 100, "shards": 9}
+    for shard in state.create(
+        RUN_ID, output="s3://b/r/", queue=bulk, counts=counts, window=4, max_new_tokens=64
+    ):
+        producer.send_task(
+            "caption_bulk_shard", kwargs={"run_id": RUN_ID, "shard": shard, "run_uri": "x"},
+            queue=bulk,
+        )  # fmt: skip
+    # Another run on another queue, and a finished one on this queue, cost nothing here.
+    state.create("20260101-000000-bbbbbb", output="s3://b/o/", queue="other", counts=counts,
+                 window=1, max_new_tokens=64)  # fmt: skip
+    state.create("20260101-000000-cccccc", output="s3://b/d/", queue=bulk,
+                 counts={**counts, "shards": 0}, window=1)  # fmt: skip
+    options = ExporterOptions((bulk,), sources=(BulkRunsSource(results, default_tokens=512),))
+
+    def work() -> float | None:
+        return value(
+            scrape(QueueCollector(broker, options, POLICY)),
+            "caption_queued_work_seconds",
+            queue=bulk,
+        )
+
+    assert in_redis(broker, bulk)[0] == 4
+    # 900 items to go at the run's max_new_tokens; the 4 shard messages add nothing.
+    assert work() == pytest.approx(900 * 64 / DEFAULT_TOKENS_PER_SECOND)
+    # 100 captioned at 10 tokens each (a checkpoint of a running shard counts): the rest is
+    # costed at what the run actually generates.
+    state.checkpoint(RUN_ID, 0, {"succeeded": 100, "failed": 0, "prompt_tokens": 0,
+                                 "generated_tokens": 1_000})  # fmt: skip
+    assert work() == pytest.approx(800 * 10 / DEFAULT_TOKENS_PER_SECOND)
+    state.cancel(RUN_ID)
+    assert work() == 0.0

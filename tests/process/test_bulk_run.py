@@ -117,13 +117,33 @@ def test_a_bulk_run_captions_every_image_once_and_finishes_without_the_submitter
         wait_for_value(stack.leftovers, lambda left: not any(left.values()), 30, "an empty broker")
         assert sum(int(broker.llen(name)) for name in queue_lists(stack.bulk_queue)) == 0
 
-        # A second submit skips every image the run captioned: only the four failures, whose
-        # output lines are errors, are planned again (docs/bulk.md, "Skipping what is done").
+        # --retry-failed captions the four failures again, into the same outputs: they fail
+        # the same way (the bytes are not images), every other line stays as it was.
+        manifest_before = body
+        retried = run("bulk", "resume", run_id, "--retry-failed", "--json", env=env)
+        assert retried.returncode == 0, retried.stderr
+        assert json.loads(retried.stdout)["retrying"] >= 1
+        again_done = wait_for_value(
+            status, lambda s: s["state"] == "done", RUN_TIMEOUT_S, "the retry to finish"
+        )
+        assert (again_done["succeeded"], again_done["failed"]) == (120, 4)
+        relines = outputs(client, bucket, root)
+        assert [line["id"] for line in relines] == [line["id"] for line in lines]
+        assert [line for line in relines if line["status"] == "ok"] == ok
+        assert {line["error"]["type"] for line in relines if line["status"] == "error"} == {
+            "InvalidImage"
+        }
+        rewritten = client.get_object(Bucket=bucket, Key=root + "manifest.json")["Body"].read()
+        assert json.loads(rewritten)["finished_at"] >= json.loads(manifest_before)["finished_at"]
+
+        # A second submit skips every image the run settled: the captions, and the four
+        # InvalidImage errors, which the same bytes would only repeat (docs/bulk.md,
+        # "Skipping what is done").
         again = run("bulk", "submit", source, "--out", out, "--max-new-tokens", "4",
                     "--dry-run", "--json", env=env)  # fmt: skip
         assert again.returncode == 0, again.stderr
         counts = json.loads(again.stdout)
-        assert (counts["total"], counts["skipped"], counts["to_caption"]) == (124, 120, 4)
+        assert (counts["total"], counts["skipped"], counts["to_caption"]) == (124, 124, 0)
         print(f"\nbulk run: 124 items in {seconds:.1f}s ({124 / seconds:.2f} images/s end to end)")
 
 

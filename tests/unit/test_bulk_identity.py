@@ -119,3 +119,23 @@ def test_invalid_generation_arguments_are_refused_as_for_tasks(
 ) -> None:
     with pytest.raises(InvalidRequest):
         run_config(**arguments)
+
+
+def test_the_run_records_the_model_as_the_worker_names_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    # A relative directory: the worker reports its absolute path, and items must match it.
+    local = RunConfig.from_arguments(Settings(model="models/tiny"), {})
+    assert local.model == str((tmp_path / "models" / "tiny").resolve())
+    # A catalogue repo id and its entry name are one model, with one config hash.
+    by_repo = RunConfig.from_arguments(
+        Settings(model="Disty0/Qwen3-VL-32B-Instruct-SDNQ-uint4-svd-r32"), {}
+    )
+    by_name = RunConfig.from_arguments(Settings(model="Qwen3-VL-32B-Instruct-SDNQ-uint4"), {})
+    assert by_repo.model == by_name.model == "Qwen3-VL-32B-Instruct-SDNQ-uint4"
+    assert by_repo.config_hash == by_name.config_hash
+    # A path that only exists on the workers is recorded as given.
+    remote = RunConfig.from_arguments(Settings(model="/models/on-the-gpu-hosts"), {})
+    assert remote.model == "/models/on-the-gpu-hosts"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from worker.bulk.identity import RunConfig
 from worker.bulk.layout import RunLayout
 from worker.bulk.runfiles import RunFiles, dumps_lines
 from worker.bulk.shard import RunPlan, ShardReport, error_line, execute_shard, resume_from
+from worker.bulk.sidecars import SidecarTarget
 from worker.bulk.state import ShardFinish
 from worker.errors import ImageNotFound, StorageUnavailable
 from worker.runtime.service import CaptionService
@@ -104,10 +106,35 @@ class FakeLedger:
         self.done: set[int] = set()
         self.counts: dict[str, int] = {}
         self.progress: dict[int, dict[str, int]] = {}
-        self.state = "running"
+        self.run_state = "running"
+        self.leases: dict[int, str] = {}
+        self.lease_log: list[tuple[str, int, str]] = []
+        self.retry: set[int] = set()
+        self.finished_runs = 0
 
     def is_done(self, run_id: str, shard: int) -> bool:
         return shard in self.done
+
+    def state(self, run_id: str) -> str | None:
+        return self.run_state
+
+    def retrying(self, run_id: str, shard: int) -> bool:
+        return shard in self.retry
+
+    def acquire(self, run_id: str, shard: int, holder: str, ttl_s: float) -> str | None:
+        self.lease_log.append(("acquire", shard, holder))
+        if shard in self.leases:
+            return self.leases[shard]
+        self.leases[shard] = holder
+        return None
+
+    def renew(self, run_id: str, shard: int, holder: str, ttl_s: float) -> bool:
+        return self.leases.get(shard) == holder
+
+    def release(self, run_id: str, shard: int, holder: str) -> None:
+        if self.leases.get(shard) == holder:
+            del self.leases[shard]
+            self.lease_log.append(("release", shard, holder))
 
     def checkpoint(self, run_id: str, shard: int, counts: dict[str, int]) -> None:
         self.progress[shard] = counts
@@ -125,12 +152,14 @@ class FakeLedger:
         return ShardFinish(True, nxt, len(self.done) == self.shards)
 
     def mark_done(self, run_id: str, finished_at: float) -> None:
-        self.state = "done"
+        self.run_state = "done"
+        self.finished_runs += 1
 
     def snapshot(self, run_id: str) -> dict[str, Any] | None:
         return {
-            "state": self.state, "total": 0, "to_caption": 0, "skipped": 0,
-            "started_at": 0.0, "shards": self.shards, **self.counts,
+            "state": self.run_state, "shards_done": len(self.done), "total": 0,
+            "to_caption": 0, "skipped": 0, "started_at": 0.0, "shards": self.shards,
+            **self.counts,
         }  # fmt: skip
 
 
@@ -231,7 +260,7 @@ def test_the_last_shard_writes_the_manifest_and_marks_the_run_done(
     manifest = json.loads(run.s3.objects[run.layout.manifest])
     assert manifest["outputs"] == ["shards/00000.output.jsonl", "shards/00001.output.jsonl"]
     assert manifest["succeeded"] == 2 and manifest["state"] == "done"
-    assert run.ledger.state == "done"
+    assert run.ledger.run_state == "done"
 
 
 def test_a_failing_store_is_retried_then_recorded_as_the_items_error(
@@ -335,3 +364,159 @@ def test_an_unexpected_failure_is_reported_as_caption_failed() -> None:
     plan = RunPlan(RunConfig.from_arguments(settings(), {}), "h", "q", 1)
     line = error_line({"id": "a", "image": "s3://b/a"}, plan, ValueError("boom"))
     assert line["error"] == {"type": "CaptionFailed", "message": "ValueError: boom"}
+
+
+def with_run_json(run: Run, **changes: Any) -> None:
+    run_json = json.loads(run.s3.objects[run.layout.run_json])
+    run.s3.objects[run.layout.run_json] = json.dumps({**run_json, **changes}).encode()
+
+
+def test_a_shard_runs_under_its_lease_and_one_leased_elsewhere_is_left_alone(
+    images: dict[str, bytes],
+) -> None:
+    run = Run([["000.png", "001.png"]], FakeStore(images))
+    run.ledger.leases[0] = "other-host/7"
+    report = run.execute()
+    assert (report.status, report.holder) == ("busy", "other-host/7")
+    assert run.store.fetched == [] and run.layout.output(0) not in run.s3.objects
+
+    del run.ledger.leases[0]
+    assert run.execute().status == "done"
+    # Each execution took the lease under its own id (the worker's name and a suffix), and
+    # the one that ran gave it back once the shard was done.
+    (_, _, first), (_, _, second), released = run.ledger.lease_log
+    assert first.startswith("test/") and second.startswith("test/") and first != second
+    assert released == ("release", 0, second)
+    assert run.ledger.leases == {}
+
+
+def test_a_cancelled_run_drops_queued_shards_and_stops_running_ones_at_a_checkpoint(
+    images: dict[str, bytes],
+) -> None:
+    keys = sorted(images)[:8]
+    run = Run([keys, ["x.png"]], FakeStore(images))
+    run.ledger.run_state = "cancelled"
+    assert run.execute().status == "cancelled" and run.store.fetched == []
+
+    run.ledger.run_state = "running"
+    calls = iter(range(100))
+
+    def cancel_midway() -> bool:  # cancelled while the shard runs
+        if next(calls) == 3:
+            run.ledger.run_state = "cancelled"
+        return False
+
+    import worker.bulk.shard as shard_module
+
+    original = shard_module.STATE_POLL_S
+    shard_module.STATE_POLL_S = 0.0  # look at the run's state before every item
+    try:
+        report = run.execute(should_stop=cancel_midway)
+    finally:
+        shard_module.STATE_POLL_S = original
+    assert report.status == "cancelled" and 3 <= report.items < len(keys)
+    saved = run.s3.lines(run.layout.checkpoint(0))
+    assert [line["id"] for line in saved] == keys[: report.items]
+    assert run.layout.output(0) not in run.s3.objects and run.sent == []
+
+
+def test_retry_failed_captions_only_the_failed_items_again_into_the_same_output(
+    images: dict[str, bytes],
+) -> None:
+    keys = sorted(images)[:5]
+    store = FakeStore(images, failures={"001.png": 10})
+    run = Run([keys], store)
+    run.execute()
+    first = run.output()
+    assert first[1]["error"]["type"] == "StorageUnavailable"
+    run.ledger.done.clear()  # what `bulk resume --retry-failed` does: reopen the shard
+    run.ledger.retry.add(0)
+    store.fetched.clear()
+    store.failures.clear()  # the store is back
+    report = run.execute()
+    assert report.status == "done" and report.captioned == 1
+    assert store.fetched == ["001.png"]
+    again = run.output()
+    assert [line["id"] for line in again] == keys
+    assert again[1]["status"] == "ok" and again[0] == first[0] and again[2:] == first[2:]
+
+
+class FlakyS3(MemoryS3):
+    """Refuses puts of the keys in ``refuse`` with SlowDown."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    def put_object(self, Bucket: str, Key: str, Body: bytes, **more: Any) -> None:
+        if Key in self.refuse:
+            raise ClientError(
+                {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}},  # type: ignore[typeddict-item]
+                "PutObject",
+            )
+        super().put_object(Bucket, Key, Body, **more)
+
+
+@pytest.mark.parametrize(
+    ("sidecars", "key"), [("next-to-image", "001.txt"), ("s3://out/side/", "side/001.txt")]
+)
+def test_sidecars_hold_each_caption_and_one_that_cannot_be_written_fails_its_item(
+    images: dict[str, bytes], sidecars: str, key: str
+) -> None:
+    keys = sorted(images)[:4]
+    run = Run([keys], FakeStore(images))
+    refused = key.replace("001", "000")  # in the first checkpoint's lines
+    flaky = FlakyS3({refused})
+    flaky.objects = run.s3.objects
+    run.s3 = flaky
+    run.files = RunFiles(flaky, run.layout)
+    with_run_json(run, sidecars=sidecars, source_kind="manifest")
+    run.execute(checkpoint_every=2)
+    lines = {line["id"]: line for line in run.output()}
+    assert flaky.objects[key].decode() == lines["001.png"]["text"]
+    assert refused not in flaky.objects
+    assert lines["000.png"]["status"] == "error"
+    assert lines["000.png"]["error"]["type"] == "StorageUnavailable"
+    assert lines["000.png"]["text"]  # the caption is kept; a retry writes its sidecar
+    assert run.ledger.counts["failed"] == 1 and run.ledger.counts["succeeded"] == 3
+    written = [k for k in flaky.objects if k.endswith(".txt")]
+    assert len(written) == 3
+
+
+def test_a_sidecar_prefix_mirrors_keys_relative_to_the_source_prefix() -> None:
+    target = SidecarTarget("s3://out/captions/", "photos/")
+    assert target.location("s3://src/photos/a/b.jpg") == S3Location("out", "captions/a/b.txt")
+    beside = SidecarTarget("next-to-image", None)
+    assert beside.location("s3://src/photos/cat.jpeg") == S3Location("src", "photos/cat.txt")
+    assert beside.location("s3://src/README") == S3Location("src", "README.txt")
+
+
+def test_a_redelivered_last_shard_writes_the_manifest_its_first_execution_could_not(
+    images: dict[str, bytes],
+) -> None:
+    run = Run([["000.png"]], FakeStore(images))
+    run.ledger.done.add(0)  # counted, but the manifest PUT failed and the task was retried
+    assert run.execute().status == "already-done"
+    assert run.layout.manifest in run.s3.objects and run.ledger.run_state == "done"
+    run.execute()
+    assert run.ledger.finished_runs == 1  # a done run is not finished again
+
+
+def test_an_execution_whose_lease_was_taken_stops_and_saves_nothing(
+    images: dict[str, bytes],
+) -> None:
+    keys = sorted(images)
+    run = Run([keys], FakeStore(images))
+    # Renewals every 50 ms, and each finds another execution holding the lease (this one
+    # stalled past its TTL and the shard went elsewhere).
+    run.settings = settings(heartbeat_interval_s=0.05, worker_dead_after_s=0.2)
+    run.ledger.renew = lambda *args: False  # type: ignore[method-assign]
+
+    def slowly() -> bool:
+        time.sleep(0.03)
+        return False
+
+    report = run.execute(should_stop=slowly, checkpoint_every=2)
+    assert report.status == "lost" and report.items < len(keys)
+    assert run.layout.output(0) not in run.s3.objects
+    assert not run.ledger.done and run.sent == []

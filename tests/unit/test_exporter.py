@@ -72,8 +72,21 @@ def test_a_celery_message_gives_its_tokens_send_time_and_queue(producer: Celery)
         producer, {"image": "s3://b/k", "max_new_tokens": 8}, queue="photos", **stamped(1234.5)
     )
     assert parse_message(raw) == Message(
-        parsed=True, max_new_tokens=8, sent_at=1234.5, routing_keys=frozenset({"photos"})
-    )
+        parsed=True, max_new_tokens=8, sent_at=1234.5, routing_keys=frozenset({"photos"}),
+        task="caption",
+    )  # fmt: skip
+
+
+def test_a_bulk_shard_message_costs_nothing_its_run_is_costed_instead(producer: Celery) -> None:
+    producer.send_task(
+        "caption_bulk_shard", kwargs={"run_id": "r", "shard": 0, "run_uri": "s3://b/r/"},
+        queue="shards",
+    )  # fmt: skip
+    with producer.connection_for_read() as conn:
+        raw = json.dumps(conn.default_channel._get("shards")).encode()
+    message = parse_message(raw)
+    assert message.task == "caption_bulk_shard"
+    assert TokenPolicy(default=512, limit=4096).tokens(message) == 0
 
 
 def test_a_celery_protocol_1_message_is_read_too(producer: Celery) -> None:

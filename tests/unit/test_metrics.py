@@ -73,6 +73,7 @@ def test_every_documented_series_is_exposed_from_the_start() -> None:
     assert value(metrics, "caption_tokens_total", kind="prompt") == 0
     assert value(metrics, "caption_tokens_total", kind="generated") == 0
     assert value(metrics, "caption_images_total", lane="interactive") == 0
+    assert value(metrics, "caption_images_total", lane="bulk") == 0
 
 
 def test_task_outcomes_and_failure_types_are_counted() -> None:

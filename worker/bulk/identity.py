@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 from worker.contract import GenerationOptions, parse_request
+from worker.errors import ConfigError
 from worker.settings import Settings
 
 #: Hex digits kept of the SHA-256: 64 bits, so a collision between two configs of one
@@ -35,6 +36,19 @@ class Identity(NamedTuple):
     image: str  # s3://bucket/key
     etag: str
     config: str
+
+
+def canonical_model(spec: str) -> str:
+    """The model's name as a worker loading ``spec`` reports it (a catalogue entry's name, a
+    local directory's absolute path), so items match the worker that serves them and two
+    spellings of one model hash alike. A path that does not exist here (the submitter is not a
+    worker host) is kept as given."""
+    from worker.engine.catalogue import resolve_model
+
+    try:
+        return resolve_model(spec).name
+    except ConfigError:
+        return spec.strip()
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,7 @@ class RunConfig:
         (raises InvalidRequest), with the model and revision the submitter has configured."""
         request = parse_request({**arguments, "image": _PLACEHOLDER_IMAGE}, settings)
         return cls(
-            model=settings.model,
+            model=canonical_model(settings.model),
             revision=settings.revision,
             prompt=request.prompt,
             max_new_tokens=request.max_new_tokens,

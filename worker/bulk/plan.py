@@ -91,6 +91,15 @@ class PlanSummary:
     source: str
     output: str  # the run directory, or the --out prefix for a dry run
     config_hash: str
+    max_new_tokens: int  # the run's caption length cap (items may override it)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """The plan's counts as the run's Redis record keeps them."""
+        return {
+            "total": self.total, "to_caption": self.to_caption, "skipped": self.skipped,
+            "shards": self.shards,
+        }  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,8 +129,17 @@ def check_bucket(bucket: str, allowed: tuple[str, ...], what: str, variable: str
         )
 
 
-def plan_run(settings: Settings, options: BulkOptions, client: Any | None = None) -> PlanSummary:
+def plan_run(
+    settings: Settings,
+    options: BulkOptions,
+    client: Any | None = None,
+    *,
+    on_start: Callable[[RunLayout], None] | None = None,
+) -> PlanSummary:
     """Check, list and shard a bulk run; write ``inputs/`` and ``run.json`` unless dry.
+
+    ``on_start`` is called with the run's layout once every check has passed, before the
+    listing starts (``bulk submit`` records the run as ``planning`` there).
 
     Raises a CaptionError subclass (BucketNotAllowed, ManifestError, InvalidBulkOption,
     InvalidRequest, SourceNotFound, StorageUnavailable, ...) and writes nothing when a check
@@ -158,6 +176,8 @@ def plan_run(settings: Settings, options: BulkOptions, client: Any | None = None
     client = client if client is not None else make_client(settings)
     run_id = None if options.dry_run else new_run_id()
     layout = out.run(run_id) if run_id is not None else None
+    if layout is not None and on_start is not None:
+        on_start(layout)
     with Scratch() as scratch:
         if prefix_source is not None:
             key_filter = KeyFilter(options.include or DEFAULT_INCLUDE, options.exclude)
@@ -179,6 +199,7 @@ def plan_run(settings: Settings, options: BulkOptions, client: Any | None = None
             source=options.source,
             output=layout.uri if layout is not None else out.uri,
             config_hash=config.config_hash,
+            max_new_tokens=config.max_new_tokens,
         )
         if layout is not None:
             record = run_record(options, config, layout, out, sidecars, counts)

@@ -22,6 +22,20 @@ from worker.bulk.sources import s3_error
 
 #: Rows inserted per transaction while loading earlier outputs.
 BATCH_ROWS = 10_000
+#: Error types an item keeps whatever runs again: the bytes behind an etag do not decode, and
+#: the same etag means the same bytes. Every other error (a missing object, a store or model
+#: failure, limits that settings may change) is planned again.
+SETTLED_ERRORS = frozenset({"InvalidImage"})
+
+
+def settled(line: dict[str, Any]) -> bool:
+    """Whether an earlier output line means its identity needs no caption again: ``ok``, or
+    an error that would only repeat."""
+    status = line.get("status")
+    if status == "ok":
+        return True
+    error = line.get("error")
+    return status == "error" and isinstance(error, dict) and error.get("type") in SETTLED_ERRORS
 
 
 class Scratch:
@@ -54,7 +68,7 @@ class Scratch:
 
 
 class DoneIndex:
-    """Identities (image, etag, config) that earlier runs under one ``--out`` captioned ``ok``."""
+    """Identities (image, etag, config) that earlier runs under one ``--out`` settled."""
 
     def __init__(self, scratch: Scratch) -> None:
         self._db = scratch.db
@@ -85,15 +99,16 @@ class DoneIndex:
     def load_earlier_runs(self, client: Any, out: OutputPrefix) -> None:
         """Stream every earlier run's ``shards/NNNNN.output.jsonl`` under ``out`` into the index.
 
-        Only ``ok`` lines count; a line that is not JSON or lacks a field is ignored, so
-        the worst a damaged output file does is caption its items again.
+        ``ok`` lines count, and errors that would only repeat (``settled``); a line that is
+        not JSON or lacks a field is ignored, so the worst a damaged output file does is
+        caption its items again.
         """
         for run_id in _run_ids(client, out):
             self.runs += 1
             layout = out.run(run_id)
             for key in _keys(client, out.bucket, layout.outputs_dir):
                 if layout.is_output(key):
-                    self.add(_ok_identities(client, out.bucket, key))
+                    self.add(_settled_identities(client, out.bucket, key))
 
 
 def _run_ids(client: Any, out: OutputPrefix) -> Iterator[str]:
@@ -119,7 +134,7 @@ def _keys(client: Any, bucket: str, prefix: str) -> Iterator[str]:
         raise s3_error(f"listing s3://{bucket}/{prefix}", exc) from exc
 
 
-def _ok_identities(client: Any, bucket: str, key: str) -> Iterator[Identity]:
+def _settled_identities(client: Any, bucket: str, key: str) -> Iterator[Identity]:
     try:
         body = client.get_object(Bucket=bucket, Key=key)["Body"]
         for raw in body.iter_lines(chunk_size=256 * 1024):
@@ -127,7 +142,7 @@ def _ok_identities(client: Any, bucket: str, key: str) -> Iterator[Identity]:
                 line = json.loads(raw)
             except ValueError:
                 continue
-            if not isinstance(line, dict) or line.get("status") != "ok":
+            if not isinstance(line, dict) or not settled(line):
                 continue
             image, etag, config = line.get("image"), line.get("etag"), line.get("config")
             if isinstance(image, str) and isinstance(etag, str) and isinstance(config, str):

@@ -14,7 +14,7 @@ from typing import Any
 from worker.bulk.errors import InvalidBulkOption, SourceNotFound
 from worker.bulk.layout import RUN_ID_RE, RunLayout
 from worker.bulk.runfiles import RunFiles, layout_of
-from worker.bulk.state import DONE, RunState, ShardCounts
+from worker.bulk.state import CANCELLED, DONE, RunState, ShardCounts
 from worker.settings import Settings
 from worker.storage.s3 import SCHEME
 
@@ -46,11 +46,13 @@ def status_from_record(
     processed = int(record.get("succeeded", 0)) + int(record.get("failed", 0))
     remaining = max(int(record.get("to_caption", 0)) - processed, 0)
     started = record.get("started_at")
-    end = record.get("finished_at") or now
+    end = record.get("finished_at") or record.get("cancelled_at") or now
     seconds = end - started if started is not None else None
     rate = _rate(processed, seconds)
     if remaining == 0:
         eta: float | None = 0.0
+    elif record.get("state") == CANCELLED:
+        eta = None
     elif rate:
         eta = round(remaining / rate, 1)
     else:

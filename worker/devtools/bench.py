@@ -9,6 +9,8 @@ Two measurements share one model directory and one set of images:
   ``AWS_ENDPOINT_URL_S3`` is set), tasks sent with ``send_task`` to Redis, a real worker
   process (started here, once with ``CAPTION_MAX_BATCH=1`` and once batched), results
   read from the result backend. Tasks/s runs from the first send to the last result.
+  The batched worker then captions the same images as one bulk run (``bulk``: planned,
+  started and followed to ``done``), and ``bulk_vs_tasks`` compares the two rates.
 
 Generated length is fixed: the tiny and random-shape models never emit end-of-sequence
 (their output heads are built that way) and the repetition guard is off, so every caption

@@ -39,11 +39,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.client import SENT_AT_HEADER
-from worker.contract import DEFAULT_MAX_NEW_TOKENS
+from worker.contract import DEFAULT_MAX_NEW_TOKENS, SHARD_TASK_NAME
 from worker.errors import ConfigError
 from worker.ops.http import OpsServer
 from worker.queue.keys import RATES_KEY, UNACKED_KEY, queue_lists
 from worker.settings import Settings
+from worker.storage.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Message:
     max_new_tokens: int | None = None  # the kwarg as sent, when it is an integer
     sent_at: float | None = None  # the producer's ``caption_sent_at`` header
     routing_keys: frozenset[str] = frozenset()
+    task: str | None = None  # the task name header
 
 
 UNPARSED = Message(parsed=False)
@@ -130,13 +132,14 @@ def _from_envelope(envelope: dict[str, Any], extra_routing_key: object = None) -
     delivery_info = _dict(_dict(envelope.get("properties")).get("delivery_info"))
     keys = {k for k in (delivery_info.get("routing_key"), extra_routing_key) if isinstance(k, str)}
     sent_at = _timestamp(headers.get(SENT_AT_HEADER))
+    task = headers.get("task") if isinstance(headers.get("task"), str) else None
     kwargs = _task_kwargs(envelope)
     if kwargs is None:
-        return Message(parsed=False, sent_at=sent_at, routing_keys=frozenset(keys))
+        return Message(parsed=False, sent_at=sent_at, routing_keys=frozenset(keys), task=task)
     tokens = kwargs.get("max_new_tokens")
     if isinstance(tokens, bool) or not isinstance(tokens, int):
         tokens = None
-    return Message(True, tokens, sent_at, frozenset(keys))
+    return Message(True, tokens, sent_at, frozenset(keys), task)
 
 
 def _json(raw: bytes | str) -> object:
@@ -182,8 +185,12 @@ class TokenPolicy:
         """Requested tokens; the default for anything a worker would not accept as given.
 
         A request over the limit fails at once on a worker; it is costed at the default
-        rather than trusted, so one bad producer cannot inflate the scaling signal.
+        rather than trusted, so one bad producer cannot inflate the scaling signal. A bulk
+        shard message costs nothing here: its run's remaining items are a ``WorkSource``
+        (``worker.bulk.work``), costed by what the run has left rather than per message.
         """
+        if message.task == SHARD_TASK_NAME:
+            return 0
         requested = message.max_new_tokens
         if requested is None or not 1 <= requested <= self.limit:
             return self.default
@@ -374,25 +381,21 @@ def read_broker(client: redis.Redis, queues: Sequence[str], sample: int) -> Brok
 
 def broker_client(settings: Settings) -> redis.Redis:
     """A client for the broker database: the worker's TLS verification, short timeouts."""
-    url = settings.broker_url
     if not settings.broker_is_redis:
         raise ConfigError(
             "caption-worker exporter reads kombu's Redis lists: CAPTION_BROKER_URL must be "
             "redis://, rediss:// or unix:// (for RabbitMQ, use its own Prometheus exporter)"
         )
-    tls: dict[str, Any] = {}
-    if url.startswith("rediss://"):
-        tls = {"ssl_cert_reqs": "required", "ssl_ca_certs": settings.redis_ca_certs}
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
+    client: redis.Redis = redis_client(
+        settings.broker_url,
+        settings.redis_ca_certs,
+        timeout_s=REDIS_TIMEOUT_S,
         health_check_interval=30,
         # No retries inside a scrape: redis-py's default backoff spends seconds on a down
         # server, and the next scrape is the retry.
         retry=Retry(NoBackoff(), 0),
-        **tls,
     )
+    return client
 
 
 # --- more work than the broker holds --------------------------------------------------------
@@ -401,12 +404,12 @@ def broker_client(settings: Settings) -> redis.Redis:
 class WorkSource(Protocol):
     """Queued GPU work kept outside the broker's lists, in generated tokens.
 
-    The seam for bulk runs: their remaining items become another source, and
-    ``caption_queued_work_seconds`` adds it to the broker's work. A source that raises fails
+    Bulk runs are one (``worker.bulk.work.BulkRunsSource``): their remaining items are added
+    to the broker's work in ``caption_queued_work_seconds``. A source that raises fails
     the scrape like an unreachable broker (``caption_exporter_up`` 0).
     """
 
-    def queued_tokens(self, client: redis.Redis, queue: str, now: float) -> float:
+    def queued_tokens(self, client: Any, queue: str, now: float) -> float:
         """Tokens still to generate for ``queue``."""
         ...
 

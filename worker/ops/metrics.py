@@ -179,7 +179,8 @@ class Metrics:
         # Present from the start, so a dashboard sums to 0 rather than to "no data".
         for kind in ("prompt", "generated"):
             self.tokens.labels(kind=kind)
-        self.images.labels(lane="interactive")
+        for lane in ("interactive", "bulk"):
+            self.images.labels(lane=lane)
         # Every failure type too: rate() sees no increase in a series' first sample, so a
         # series born at its first failure would hide that failure from the dashboard.
         for failure in (*sorted(_DOCUMENTED), INTERNAL_FAILURE):

@@ -49,7 +49,8 @@ def queue_lists(queue: str) -> list[str]:
     return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{level}" for level in (3, 6, 9)]
 
 
-#: A bulk run's state (docs/bulk.md, "Execution"): a hash with ``state`` (running, done),
+#: A bulk run's state (docs/bulk.md, "Execution"): a hash with ``state`` (running, done,
+#: cancelled),
 #: the plan's counts, the counters of finished shards, ``next_shard`` (shards sent so far)
 #: and ``shards_done``. Kept until deleted: a run's record is small and status reads it.
 BULK_RUN_KEY = "caption:bulk:{run_id}"
@@ -60,3 +61,9 @@ BULK_DONE_KEY = "caption:bulk:{run_id}:done"
 #: Shards in progress: shard number -> JSON counters as of its last checkpoint (the entry
 #: goes when the shard finishes and its counters move into the run's hash).
 BULK_PROGRESS_KEY = "caption:bulk:{run_id}:progress"
+#: The lease of a running shard: the holding worker's id, with a TTL its holder renews every
+#: heartbeat interval. A shard whose lease is gone while it is not done has no live worker.
+BULK_LEASE_KEY = "caption:bulk:{run_id}:lease:{shard}"
+#: Shards reopened by ``bulk resume --retry-failed``: their next execution captions the
+#: failed items of their existing output again (a set; a shard leaves it when it finishes).
+BULK_RETRY_KEY = "caption:bulk:{run_id}:retry"

@@ -7,9 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from worker.ops.doctor.report import CheckResult, Status, one_line, safe_url
-
-#: URL schemes redis-py connects to; the result backend must use one of them.
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+from worker.storage.redis_client import is_redis_url
 
 
 def check_broker(url: str, ssl_options: Mapping[str, Any] | None, timeout_s: float) -> CheckResult:
@@ -41,7 +39,7 @@ def check_result_backend(
     """PING the Redis result backend within the timeout."""
     import redis
 
-    if not url.startswith(_REDIS_SCHEMES):
+    if not is_redis_url(url):
         return CheckResult(
             "result backend",
             Status.FAIL,
