@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     weights: Literal["sdnq", "bf16", "int8"] = "sdnq"
     slots: int | None = Field(None, ge=1, le=1_024)  # rows decoding together; default max_batch
     slot_tokens: int | None = Field(None, ge=64)  # KV capacity per slot; default from limits
+    # The slot engine's decode step through captured CUDA graphs (CUDA only; a failed capture
+    # falls back to the eager step with a warning).
+    cuda_graphs: bool = True
 
     # Requests.
     default_prompt: str = "Describe this image."

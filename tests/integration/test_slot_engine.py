@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -297,3 +298,62 @@ def test_an_interactive_row_waits_about_one_batch_behind_a_bulk_run(
     # It finished before the second wave of bulk rows (first-in-first-out: after the third).
     assert done[-1] < sorted(done[i] for i in range(24))[8]
     assert latency <= 1.5 * batch_s, (latency, batch_s)
+
+
+class ReplayRecorder:
+    """A CPU stand-in for CUDA graph capture with a graph's contract: the step is bound to
+    static input tensors at capture, and a replay recomputes it from whatever they hold
+    into one static output tensor."""
+
+    def __init__(self, fail: bool = False, skew: float = 0.0) -> None:
+        self.fail = fail
+        self.skew = skew
+        self.replays = 0
+
+    def record(self, run: Any) -> tuple[Any, torch.Tensor]:
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        output = run().clone()
+
+        def replay() -> None:
+            self.replays += 1
+            output.copy_(run() + self.skew)
+
+        return replay, output
+
+
+def test_the_decode_step_through_captured_graphs_gives_the_same_captions(
+    engine: GenerateEngine, rows: list[PreparedInput], alone: list[CaptionOutput]
+) -> None:
+    recorder = ReplayRecorder()
+    slots = SlotEngine(engine, slots=4, capacity=512, recorder=recorder)
+    slots.warm_up()
+    assert slots.graphs is not None
+    # Every shape a step can take was captured at start: live slots 1, 2, 4 and cache
+    # positions 256, 512.
+    assert slots.graphs.shapes == [(n, k) for n in (1, 2, 4) for k in (256, 512)]
+    before = recorder.replays
+    got = run_staggered(slots, rows, join_at=[0, 0, 3, 4, 4, 11])
+    for i, (output, ref) in enumerate(zip(got, alone, strict=True)):
+        assert_same(output, ref, i)
+    assert recorder.replays - before > 20  # the steps went through the replays
+
+
+@pytest.mark.parametrize("recorder", [ReplayRecorder(fail=True), ReplayRecorder(skew=5.0)])
+def test_a_capture_that_fails_or_disagrees_leaves_the_engine_on_the_eager_step(
+    engine: GenerateEngine,
+    rows: list[PreparedInput],
+    alone: list[CaptionOutput],
+    recorder: ReplayRecorder,
+) -> None:
+    slots = SlotEngine(engine, slots=2, capacity=256, recorder=recorder)
+    slots.warm_up()
+    assert slots.graphs is None
+    got = run_staggered(slots, rows[:2], join_at=[0, 1])
+    for i, (output, ref) in enumerate(zip(got, alone[:2], strict=True)):
+        assert_same(output, ref, i)
+
+
+def test_graphs_are_off_on_the_cpu_and_when_disabled(engine: GenerateEngine) -> None:
+    assert SlotEngine(engine, slots=2, capacity=256).graphs is None  # the CPU
+    assert SlotEngine(engine, slots=2, capacity=256, cuda_graphs=False).graphs is None

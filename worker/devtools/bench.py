@@ -176,8 +176,10 @@ def bench_engine(config: BenchConfig, settings: Settings, images: list[bytes]) -
         kwargs = {"image": "bench", "max_new_tokens": new_tokens_for(config, i)}
         items.append(runtime.service.prepare(parse_request(kwargs, settings), data)[0])
     prepare_s = time.perf_counter() - started
+    graphs = getattr(engine, "graphs", None)
     result: dict[str, Any] = {
         "engine": settings.engine,
+        "cuda_graphs": len(graphs.shapes) if graphs is not None else 0,
         "prompt_tokens": items[0].prompt_tokens,
         "prepare_ms_per_image": round(1000 * prepare_s / len(items), 2),
     }

@@ -9,11 +9,13 @@ a batch, and a task that arrives mid-decode starts at the next step.
 
 It wraps a loaded ``GenerateEngine`` for the model, the processor and row preparation, and
 runs a row that does not fit a slot (prompt + ``max_new_tokens`` over the slot capacity)
-through that engine's ``generate`` instead.
+through that engine's ``generate`` instead. On CUDA the decode step replays captured CUDA
+graphs (``worker.engine.graphs``), captured in ``warm_up``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +23,12 @@ from typing import Any
 import torch
 
 from worker.engine.base import CaptionOutput, FinishReason, ModelInfo, PreparedInput
+from worker.engine.graphs import DecodeGraphs, Recorder, buckets, cuda_recorder_for
 from worker.engine.hf_generate import GenerateEngine
 from worker.engine.qwen3vl import StaticKVCache, decode_step, prefill
 from worker.engine.sampling import RowSampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,7 +46,15 @@ class _Row:
 class SlotEngine:
     """Continuous batching over a static KV cache of ``slots`` rows."""
 
-    def __init__(self, base: GenerateEngine, slots: int, capacity: int) -> None:
+    def __init__(
+        self,
+        base: GenerateEngine,
+        slots: int,
+        capacity: int,
+        *,
+        cuda_graphs: bool = True,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.base = base
         self.slots = slots
         self.capacity = capacity
@@ -50,6 +63,14 @@ class SlotEngine:
         self._rows: dict[int, _Row] = {}
         self._eos = base.eos_ids
         self._pad = base.pad_id
+        recorder = recorder or cuda_recorder_for(self._device, cuda_graphs)
+        #: Captured decode graphs; None: the eager step (CPU, disabled, or capture failed).
+        self.graphs = DecodeGraphs(self._eager_step, self._device, recorder) if recorder else None
+
+    def _eager_step(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, deltas: torch.Tensor, keys: int
+    ) -> torch.Tensor:
+        return decode_step(self.base.model, self.cache, tokens, lengths, deltas, keys)
 
     # CaptionEngine: identity and row preparation come from the wrapped engine.
     @property
@@ -67,13 +88,44 @@ class SlotEngine:
         return self.base.prepare(image, prompt, **kwargs)
 
     def warm_up(self) -> CaptionOutput:
-        """Admit one small row and decode it to the end, through the slot path."""
+        """Capture the decode graphs (on CUDA), then admit one small row and decode it to
+        the end, through the slot path."""
+        if self.graphs is not None:
+            self._capture()
         item = self.base.warm_up_input(max_new_tokens=2)
         done = self.admit(self.free_slots()[0], item)
         while done is None:
             finished = self.step()
             done = finished[0][1] if finished else None
         return done
+
+    def _capture(self) -> None:
+        """Capture every decode bucket and check one replay against the eager step; any
+        failure leaves the engine on the eager step (slower, never wrong)."""
+        assert self.graphs is not None
+        shapes = buckets(self.slots, self.capacity, _bucket)
+        try:
+            seconds = self.graphs.capture(shapes)
+            self._check_graphs()
+        except Exception as exc:
+            log.warning(
+                "CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc
+            )
+            self.graphs = None
+            self.release_memory()
+            return
+        log.info("decode step: %d CUDA graphs captured in %.1fs", len(shapes), seconds)
+
+    def _check_graphs(self) -> None:
+        assert self.graphs is not None
+        pad = torch.full((1,), self._pad, device=self._device)
+        zero = torch.zeros(1, dtype=torch.long, device=self._device)
+        keys = _bucket(1, self.capacity, 256)
+        expected = self._eager_step(pad, zero, zero, keys).float()
+        got = self.graphs(pad, zero, zero, keys).float()
+        if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2):
+            diff = (got - expected).abs().max().item()
+            raise RuntimeError(f"a graph replay differs from the eager step by {diff:.3g}")
 
     # Slots.
     @property
@@ -140,9 +192,8 @@ class SlotEngine:
                 row.length,
                 row.rope_delta,
             )
-        logits = decode_step(
-            self.base.model,
-            self.cache,
+        step = self.graphs or self._eager_step
+        logits = step(
             torch.tensor(tokens, device=self._device),
             torch.tensor(lengths, device=self._device),
             torch.tensor(deltas, device=self._device),

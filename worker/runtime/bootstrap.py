@@ -57,7 +57,9 @@ def load_engine(settings: Settings) -> CaptionEngine:
             f"CAPTION_ENGINE=slots needs CAPTION_ENGINE_FACTORY ({settings.engine_factory}) "
             "to return a GenerateEngine"
         )
-    slots = SlotEngine(engine, settings.slot_count, settings.slot_capacity)
+    slots = SlotEngine(
+        engine, settings.slot_count, settings.slot_capacity, cuda_graphs=settings.cuda_graphs
+    )
     log.info(
         "slot engine: %d slots of %d tokens, KV cache %.2f GiB",
         slots.slots,
