@@ -130,3 +130,21 @@ def test_a_refused_run_exits_2_with_the_typed_error_and_writes_nothing(
     assert out.stdout == ""
     assert "BucketNotAllowed" in out.stderr and "CAPTION_OUTPUT_BUCKETS" in out.stderr
     assert [k for k, _ in listing(s3_client, bucket)] == KEYS
+
+
+def test_operating_a_run_that_does_not_exist_exits_2_with_the_typed_error(
+    s3_server: LoopbackS3, redis_url: str
+) -> None:
+    env = {
+        **s3_server.env(),
+        "CAPTION_BROKER_URL": f"{redis_url}/0",
+        "CAPTION_RESULT_BACKEND": f"{redis_url}/1",
+    }
+    unknown = "20990101-000000-0a0b0c"
+    for command in ("resume", "cancel", "report"):
+        out = run("bulk", command, unknown, env=env)
+        assert out.returncode == 2, (command, out.stderr)
+        assert out.stderr.startswith("error: SourceNotFound: ") and unknown in out.stderr
+        assert out.stdout == ""
+    bad = run("bulk", "status", "yesterday", env=env)
+    assert bad.returncode == 2 and "InvalidBulkOption" in bad.stderr

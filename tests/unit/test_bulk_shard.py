@@ -520,3 +520,16 @@ def test_an_execution_whose_lease_was_taken_stops_and_saves_nothing(
     assert report.status == "lost" and report.items < len(keys)
     assert run.layout.output(0) not in run.s3.objects
     assert not run.ledger.done and run.sent == []
+
+
+def test_a_sidecar_outside_the_output_allowlist_fails_its_item_and_writes_nothing(
+    images: dict[str, bytes],
+) -> None:
+    run = Run([["000.png"]], FakeStore(images))
+    run.settings = settings(output_buckets=("out",))  # the images' bucket is not in it
+    with_run_json(run, sidecars="next-to-image", source_kind="manifest")
+    run.execute()
+    [line] = run.output()
+    assert line["status"] == "error" and line["error"]["type"] == "BucketNotAllowed"
+    assert "CAPTION_OUTPUT_BUCKETS" in line["error"]["message"] and line["text"]
+    assert not [key for key in run.s3.objects if key.endswith(".txt")]
