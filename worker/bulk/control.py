@@ -41,12 +41,10 @@ class ShardSender:
         app.conf.update(task_serializer="json", accept_content=["json"])
         return cls(app, owned=True)
 
-    def send(
-        self, queue: str, run_id: str, shard: int, run_uri: str, *, retry_failed: bool = False
-    ) -> None:
+    def send(self, queue: str, run_id: str, shard: int, run_uri: str) -> None:
         from worker.queue.bulk_task import send_shard
 
-        send_shard(self._app, queue, run_id, shard, run_uri, retry_failed=retry_failed)
+        send_shard(self._app, queue, run_id, shard, run_uri)
         self.sent += 1
 
     def __enter__(self) -> ShardSender:
@@ -136,10 +134,11 @@ def resume_run(
     run_json = files.run_json()
     if run_json is None:
         raise SourceNotFound(f"{files.uri}run.json does not exist: not a planned run")
+    outputs = files.output_counts() if restored or retry_failed else {}
     if restored:
-        _restore(ledger, files, run_json, window)
+        _restore(ledger, files, run_json, outputs, window)
     state = ledger.state(run_id)
-    retry = _reopen_failed(ledger, files) if retry_failed else set()
+    retry = _reopen_failed(ledger, run_id, outputs) if retry_failed else set()
     if state == DONE and not retry:
         return ResumeResult(run_id, DONE, 0, 0, restored)
     queue = str(run_json["queue"])
@@ -162,14 +161,16 @@ def _layout(record: dict[str, Any], given: RunLayout | None) -> RunLayout:
     return layout
 
 
-def _restore(ledger: RunState, files: RunFiles, run: dict[str, Any], window: int) -> None:
+def _restore(
+    ledger: RunState,
+    files: RunFiles,
+    run: dict[str, Any],
+    outputs: dict[int, ShardCounts],
+    window: int,
+) -> None:
     counts = run["counts"]
     shards = int(counts["shards"])
-    done = {
-        shard: ShardCounts.of(files.output(shard) or [])
-        for shard in files.output_shards()
-        if shard < shards
-    }
+    done = {shard: partial for shard, partial in outputs.items() if shard < shards}
     ledger.restore(
         files.layout.run_id,
         output=files.uri,
@@ -191,15 +192,13 @@ def _created_at(run: dict[str, Any]) -> float | None:
         return None
 
 
-def _reopen_failed(ledger: RunState, files: RunFiles) -> set[int]:
+def _reopen_failed(ledger: RunState, run_id: str, outputs: dict[int, ShardCounts]) -> set[int]:
     """Reopen every done shard whose output has ``error`` lines; the reopened shards."""
-    reopened = set()
-    run_id = files.layout.run_id
-    for shard in files.output_shards():
-        counts = ShardCounts.of(files.output(shard) or [])
-        if counts.failed and ledger.reopen(run_id, shard, counts.to_json()):
-            reopened.add(shard)
-    return reopened
+    return {
+        shard
+        for shard, partial in outputs.items()
+        if partial.failed and ledger.reopen(run_id, shard, partial.to_json())
+    }
 
 
 def cancel_run(run: str, ledger: RunState) -> str:

@@ -9,17 +9,13 @@ hashes, never through the lines themselves.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from worker.bulk.errors import SourceNotFound
 from worker.bulk.runfiles import Line, RunFiles
-from worker.bulk.sources import s3_error
 
 #: Output statuses a line can have (docs/bulk.md, Output line).
 OK, ERROR, SKIPPED = "ok", "error", "skipped"
@@ -96,32 +92,25 @@ class Tally:
         return [group.to_json(error_type) for error_type, group in ordered]
 
 
-def _parse_lines(body: bytes) -> list[Line]:
-    """JSON lines as objects; ValueError when one does not parse or is not an object."""
-    lines = [json.loads(text) for text in body.decode().splitlines() if text.strip()]
-    if not all(isinstance(line, dict) for line in lines):
+def _objects(lines: list[Line] | None) -> list[Line] | None:
+    """The lines, checked to be JSON objects; ValueError when one is not."""
+    if lines is not None and not all(isinstance(line, dict) for line in lines):
         raise ValueError("a line is not a JSON object")
     return lines
 
 
 def read_skipped(files: RunFiles, number: int) -> list[Line]:
     """The lines of ``skipped/NNNNN.jsonl``. Submit writes every skipped file before
-    run.json, so a missing one is a damaged run: SourceNotFound, like any read failure a
-    typed error (``s3_error``)."""
-    key = files.layout.skipped(number)
-    try:
-        response = files.client.get_object(Bucket=files.layout.bucket, Key=key)
-        body: bytes = response["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise s3_error(f"reading s3://{files.layout.bucket}/{key}", exc) from exc
-    return _parse_lines(body)
+    run.json, so a missing one is a damaged run: SourceNotFound."""
+    lines = _objects(files.skipped(number))
+    if lines is None:
+        where = files.uri + _relative(files, files.layout.skipped(number))
+        raise SourceNotFound(f"{where} does not exist")
+    return lines
 
 
 def _output_lines(files: RunFiles, shard: int) -> list[Line] | None:
-    lines = files.output(shard)
-    if lines is not None and not all(isinstance(line, dict) for line in lines):
-        raise ValueError("a line is not a JSON object")
-    return lines
+    return _objects(files.output(shard))
 
 
 def _relative(files: RunFiles, key: str) -> str:

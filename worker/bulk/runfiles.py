@@ -16,6 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from worker.bulk.errors import InvalidBulkOption
 from worker.bulk.layout import RUN_ID_RE, RunLayout, parse_prefix
 from worker.bulk.sources import NOT_FOUND_CODES, s3_error
+from worker.bulk.state import ShardCounts
 
 Line = dict[str, Any]
 
@@ -97,6 +98,13 @@ class RunFiles:
 
     def output(self, shard: int) -> list[Line] | None:
         return self._lines(self.layout.output(shard))
+
+    def output_counts(self) -> dict[int, ShardCounts]:
+        """The counters of every shard whose output exists (each output read once)."""
+        return {shard: ShardCounts.of(self.output(shard) or []) for shard in self.output_shards()}
+
+    def skipped(self, number: int) -> list[Line] | None:
+        return self._lines(self.layout.skipped(number))
 
     def has_output(self, shard: int) -> bool:
         try:

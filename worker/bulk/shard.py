@@ -31,6 +31,7 @@ from worker.bulk.errors import SourceNotFound
 from worker.bulk.identity import RunConfig
 from worker.bulk.lease import ShardLease
 from worker.bulk.plan import WRITE_ALLOWLIST, check_bucket
+from worker.bulk.retries import with_retries
 from worker.bulk.runfiles import Line, RunFiles
 from worker.bulk.sidecars import SidecarTarget, SidecarWriter
 from worker.bulk.state import CANCELLED, DONE, PLANNING, ShardCounts, ShardFinish
@@ -232,21 +233,20 @@ class ShardCaptioner:
         service = self.service
         settings = service.settings
         request, location = self._request(item)
-        attempt = 0
-        while True:
-            try:
-                with service.runner.expect("bulk"):
-                    data = service.store.fetch(location)
-                    prepared, _ = service.prepare(request, data)
-                    deadline = time.monotonic() + settings.task_deadline_s
-                    return service.runner.submit(prepared, deadline, None, "bulk"), deadline
-            except CaptionError as exc:
-                if not exc.retryable or attempt >= settings.storage_retries:
-                    raise
-                delay = settings.storage_retry_backoff_s * 2**attempt
-                attempt += 1
-                log.warning("%s (%s); retry %d in %.1fs", type(exc).__name__, exc, attempt, delay)
-                self.sleep(delay)
+
+        def submit() -> _Row:
+            with service.runner.expect("bulk"):
+                data = service.store.fetch(location)
+                prepared, _ = service.prepare(request, data)
+                deadline = time.monotonic() + settings.task_deadline_s
+                return service.runner.submit(prepared, deadline, None, "bulk"), deadline
+
+        return with_retries(
+            submit,
+            retries=settings.storage_retries,
+            backoff_s=settings.storage_retry_backoff_s,
+            sleep=self.sleep,
+        )
 
     def _finish(self, item: Line, started: Future[_Row]) -> Line:
         try:
@@ -301,7 +301,6 @@ def execute_shard(
     checkpoint_every: int = CHECKPOINT_EVERY,
     workers: int = DOWNLOAD_WORKERS,
     should_stop: Callable[[], bool] = lambda: False,
-    retry_failed: bool = False,
     sidecar_client: Any = None,
 ) -> ShardReport:
     """Run shard ``shard`` of the run in ``files`` to its output file, count it, and send
@@ -311,9 +310,9 @@ def execute_shard(
     The shard runs under a lease held for this execution (``service.worker_name`` and a
     random suffix): a shard another execution holds is left to it (status ``busy``); one
     whose lease was taken from it stops without saving (``lost``). A cancelled run's shard
-    stops (status ``cancelled``, after a checkpoint when it had started). With
-    ``retry_failed``, or when ``bulk resume --retry-failed`` reopened it, a shard whose
-    output exists captions its ``error`` items again and rewrites the output.
+    stops (status ``cancelled``, after a checkpoint when it had started). A shard that
+    ``bulk resume --retry-failed`` reopened (it is in the run's retry set) captions the
+    ``error`` items of its existing output again and rewrites the output.
 
     Raises a CaptionError when the run's own files cannot be read or written (the adapter
     retries a retryable one); items never raise.
@@ -349,7 +348,7 @@ def execute_shard(
         def stop() -> bool:
             return should_stop() or lease.lost or cancelled()
 
-        retry = retry_failed or ledger.retrying(run_id, shard)
+        retry = ledger.retrying(run_id, shard)
         lines, captioned, complete = job.run(retry, checkpoint_every, stop, lambda: lease.lost)
         if not complete:
             status: ShardStatus = "paused"

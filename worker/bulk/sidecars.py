@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.bulk.errors import BucketNotAllowed
 from worker.bulk.layout import OutputPrefix, parse_prefix
+from worker.bulk.retries import with_retries
 from worker.bulk.sources import s3_error
 from worker.errors import CaptionError
 from worker.storage.s3 import SCHEME, S3Location
@@ -126,18 +127,17 @@ class SidecarWriter:
                 "CAPTION_OUTPUT_BUCKETS"
             )
         body = str(line.get("text") or "").encode()
-        attempt = 0
-        while True:
+
+        def put() -> None:
             try:
                 self._client.put_object(
                     Bucket=loc.bucket, Key=loc.key, Body=body, ContentType="text/plain"
                 )
-                return None
             except (ClientError, BotoCoreError) as exc:
-                error = s3_error(f"writing sidecar {SCHEME}{loc.bucket}/{loc.key}", exc)
-            if not error.retryable or attempt >= self._retries:
-                return error
-            delay = self._backoff_s * 2**attempt
-            attempt += 1
-            log.warning("%s; retry %d in %.1fs", error, attempt, delay)
-            self._sleep(delay)
+                raise s3_error(f"writing sidecar {SCHEME}{loc.bucket}/{loc.key}", exc) from exc
+
+        try:
+            with_retries(put, retries=self._retries, backoff_s=self._backoff_s, sleep=self._sleep)
+        except CaptionError as exc:
+            return exc
+        return None

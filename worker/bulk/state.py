@@ -175,6 +175,14 @@ class ShardCounts:
                 counts.failed += 1
         return counts
 
+    def __add__(self, other: ShardCounts) -> ShardCounts:
+        return ShardCounts(
+            self.succeeded + other.succeeded,
+            self.failed + other.failed,
+            self.prompt_tokens + other.prompt_tokens,
+            self.generated_tokens + other.generated_tokens,
+        )
+
     def to_json(self) -> dict[str, int]:
         return {
             "succeeded": self.succeeded,
@@ -447,10 +455,7 @@ class RunState:
         """Record a run Redis lost, from its files: ``done`` holds the counters of the shards
         whose output exists. One transaction, so a shard finishing meanwhile is counted on
         top of it, never overwritten. Nothing is sent yet: ``resume`` fills the window."""
-        total = ShardCounts()
-        for partial in done.values():
-            for name in COUNTERS:
-                setattr(total, name, getattr(total, name) + getattr(partial, name))
+        total = sum(done.values(), ShardCounts())
         record = self._record(
             output=output, queue=queue, counts=counts, window=window, next_shard=0,
             started_at=started_at, max_new_tokens=max_new_tokens,

@@ -91,14 +91,9 @@ def status_from_s3(files: RunFiles) -> dict[str, Any]:
             shards_done=counts["shards"], seconds=manifest.get("seconds"), output=files.uri,
         )  # fmt: skip
         return {**status, "from": "s3"}
-    done = files.output_shards()
-    succeeded = failed = prompt = generated = 0
-    for shard in done:
-        partial = ShardCounts.of(files.output(shard) or [])
-        succeeded += partial.succeeded
-        failed += partial.failed
-        prompt += partial.prompt_tokens
-        generated += partial.generated_tokens
+    done = files.output_counts()
+    total = sum(done.values(), ShardCounts())
+    succeeded, failed = total.succeeded, total.failed
     shards = int(counts["shards"])
     complete = len([s for s in done if s < shards]) >= shards
     return {
@@ -111,8 +106,8 @@ def status_from_s3(files: RunFiles) -> dict[str, Any]:
         "remaining": max(int(counts["to_caption"]) - succeeded - failed, 0),
         "images_per_second": None,
         "eta_seconds": 0.0 if complete else None,
-        "prompt_tokens": prompt,
-        "generated_tokens": generated,
+        "prompt_tokens": total.prompt_tokens,
+        "generated_tokens": total.generated_tokens,
         "output": files.uri,
         "shards": shards,
         "shards_done": len(done),

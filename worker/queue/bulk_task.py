@@ -40,13 +40,10 @@ def send_shard(
     shard: int,
     run_uri: str,
     *,
-    retry_failed: bool = False,
     countdown: float | None = None,
 ) -> None:
     """Queue one shard message (no result is kept, so nothing subscribes to one)."""
-    kwargs: dict[str, Any] = {"run_id": run_id, "shard": shard, "run_uri": run_uri}
-    if retry_failed:
-        kwargs["retry_failed"] = True
+    kwargs = {"run_id": run_id, "shard": shard, "run_uri": run_uri}
     app.send_task(
         SHARD_TASK_NAME, kwargs=kwargs, queue=queue, ignore_result=True, countdown=countdown
     )
@@ -93,9 +90,7 @@ def _redis(task: Task) -> Any:
     name=SHARD_TASK_NAME, bind=True, ignore_result=True, track_started=False, acks_late=True,
     max_retries=None,
 )  # fmt: skip
-def caption_bulk_shard(
-    self: Task, *args: Any, run_id: str, shard: int, run_uri: str, retry_failed: bool = False
-) -> None:
+def caption_bulk_shard(self: Task, *args: Any, run_id: str, shard: int, run_uri: str) -> None:
     """Caption shard ``shard`` of the bulk run in ``run_uri`` (docs/bulk.md)."""
     lifecycle = lifecycle_of(self.app)
     service = lifecycle.service
@@ -117,16 +112,13 @@ def caption_bulk_shard(
 
     def again(countdown: float | None = None) -> None:
         queue = (self.request.delivery_info or {}).get("routing_key") or settings.bulk_queue
-        send_shard(
-            self.app, queue, run_id, shard, run_uri, retry_failed=retry_failed,
-            countdown=countdown,
-        )  # fmt: skip
+        send_shard(self.app, queue, run_id, shard, run_uri, countdown=countdown)
 
     started = time.monotonic()
     try:
         report = execute_shard(
             service, files, ledger, shard,
-            enqueue=enqueue, should_stop=should_stop, retry_failed=retry_failed,
+            enqueue=enqueue, should_stop=should_stop,
         )  # fmt: skip
     except (CaptionError, RedisError, OperationalError) as exc:
         # The run's own files failing, or Redis or the broker blinking: retry with backoff
