@@ -282,6 +282,14 @@ def test_every_dashboard_expression_evaluates_on_a_real_prometheus_and_shows_the
 def run_and_read(prom: Prometheus, stack: WorkerStack, worker: WorkerProcess) -> dict[str, Any]:
     """Queue the tasks, start the worker, drain, then read what the checks need."""
     queue = stack.queue
+    # Prometheus hands static targets to its scrapers only after its discovery manager's
+    # first update (about 5 s after start). Until then nothing is scraped, and a fast run
+    # could finish before the worker's first sample: the window would then hold no 0 and
+    # no increase. Wait for the first scrape, so the worker is scraped from its start.
+    wait_for_value(
+        lambda: prom.query(f'up{{job="{EXPORTER_JOB}"}}'), bool, 30, "Prometheus's first scrape",
+        interval_s=0.2,
+    )  # fmt: skip
     # Queue everything before the worker exists: the exporter reports all 20 waiting.
     image = stack.upload("plain.png")
     started = time.time()
