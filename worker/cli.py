@@ -273,7 +273,7 @@ def bench(
         str | None,
         typer.Option(help="4b, 8b, 32b (GPU) or tiny-test: random weights of that shape."),
     ] = None,
-    engine: Annotated[str, typer.Option(help="generate or slots.")] = "generate",
+    engine: Annotated[str, typer.Option(help="slots or generate.")] = "slots",
     weights: Annotated[str, typer.Option(help="sdnq, bf16 or int8.")] = "sdnq",
     mixed: Annotated[
         bool, typer.Option(help="Caption lengths cycle through 1/8, 1/4, 1/2, 1 of --new-tokens.")

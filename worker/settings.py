@@ -64,9 +64,11 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # SDNQ's int matmul path; measured slower than dequantize-then-matmul for decoding.
     sdnq_quantized_matmul: bool = False
-    # generate: one Hugging Face generate() per batch. slots: continuous batching, rows join
-    # and leave between decode steps over a static KV cache.
-    engine: Literal["generate", "slots"] = "generate"
+    # slots: continuous batching, rows join and leave between decode steps over a static KV
+    # cache. generate: one Hugging Face generate() per batch (the reference engine). The slot
+    # engine runs the decoder layer by layer itself, so it needs every weight on the
+    # execution device: with CAPTION_MEMORY_MODE balanced or lowvram the default is generate.
+    engine: Literal["generate", "slots"] = "slots"
     # How SDNQ weights are served: as stored (least memory), dequantized once to
     # CAPTION_DTYPE ("bf16"), or re-quantized to int8 with quantized matmul.
     weights: Literal["sdnq", "bf16", "int8"] = "sdnq"
@@ -132,6 +134,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(b.strip() for b in value.split(",") if b.strip())
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_for_memory_mode(cls, data: object) -> object:
+        # accelerate moves a spilled or streamed layer's weights in hooks on whole blocks;
+        # the slot engine's decode step calls the blocks' parts directly and would bypass
+        # them, so only the whole-batch engine serves those memory modes.
+        if not isinstance(data, dict) or data.get("memory_mode", "gpu") == "gpu":
+            return data
+        if data.get("engine") is None:
+            return {**data, "engine": "generate"}
+        if data["engine"] == "slots":
+            raise ValueError(
+                f"CAPTION_ENGINE=slots needs CAPTION_MEMORY_MODE=gpu (every weight on the "
+                f"GPU), not {data['memory_mode']}: use CAPTION_ENGINE=generate, or "
+                "CAPTION_WEIGHTS=int8 or sdnq to fit the model on one GPU"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_together(self) -> Self:

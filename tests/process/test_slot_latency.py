@@ -21,7 +21,8 @@ TIMEOUT_S = 300.0
 
 
 def _short_during_long(stack: WorkerStack) -> dict[str, float]:
-    """Send the long tasks, wait until all run plus 1 s, send the short one; time both."""
+    """Send the long tasks, wait until all run plus 0.5 s, send the short one; time both, and
+    count the long tasks already finished when the short one's result arrived."""
     uri = stack.upload("picture.png")
     started = time.monotonic()
     longs = [stack.send(image=uri, max_new_tokens=LONG_TOKENS) for _ in range(LONG_TASKS)]
@@ -29,11 +30,13 @@ def _short_during_long(stack: WorkerStack) -> dict[str, float]:
         lambda: all(t.state == "STARTED" for t in longs), TIMEOUT_S, "every long task started"
     )
     running = time.monotonic()
-    time.sleep(1.0)
+    time.sleep(0.5)
+    assert not any(t.ready() for t in longs), "the long batch ended before the short task"
     sent = time.monotonic()
     short = stack.send(image=uri, max_new_tokens=SHORT_TOKENS)
     short_result = short.get(timeout=TIMEOUT_S, interval=0.05)
     short_done = time.monotonic()
+    longs_finished_first = sum(t.ready() for t in longs)
     long_results = [t.get(timeout=TIMEOUT_S, interval=0.05) for t in longs]
     longs_done = time.monotonic()
     assert short_result["generated_tokens"] == SHORT_TOKENS
@@ -42,6 +45,7 @@ def _short_during_long(stack: WorkerStack) -> dict[str, float]:
         "long_batch_s": round(longs_done - running, 2),
         "short_latency_s": round(short_done - sent, 2),
         "all_sent_to_running_s": round(running - started, 2),
+        "longs_finished_before_short": longs_finished_first,
     }
 
 
@@ -67,5 +71,8 @@ def test_a_short_task_sent_mid_batch_does_not_wait_for_the_batch(
     print(f"\n{engine}: {figures}")
     if engine == "slots":
         assert figures["short_latency_s"] < figures["long_batch_s"] / 3, figures
+        assert figures["longs_finished_before_short"] == 0, figures
     else:  # the reference engine: the short task waits for the running batch to finish
-        assert figures["short_latency_s"] > figures["long_batch_s"] / 2, figures
+        # (Most, not all: the long tasks' threads store their results while the short
+        # caption decodes, and a store can lag it.)
+        assert figures["longs_finished_before_short"] >= LONG_TASKS // 2, figures

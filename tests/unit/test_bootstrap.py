@@ -22,7 +22,7 @@ def test_slots_refuse_a_factory_whose_engine_cannot_be_wrapped() -> None:
 
 
 def test_generate_uses_the_factory_engine_behind_the_batcher() -> None:
-    runtime = build_runtime(Settings(engine_factory=FAKE, max_batch=5), "test")
+    runtime = build_runtime(Settings(engine="generate", engine_factory=FAKE, max_batch=5), "test")
     assert isinstance(runtime.engine, FakeEngine)
     assert isinstance(runtime.runner, Batcher)
     assert runtime.runner.batch_cap == 5

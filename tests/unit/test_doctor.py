@@ -290,14 +290,15 @@ def test_stored_weights_that_do_not_fit_fail_and_suggest_spreading() -> None:
     assert "CAPTION_MEMORY_MODE=balanced or lowvram" in result.message
 
 
-def test_stored_weights_with_little_room_left_warn() -> None:
-    result = check_weights_fit(GpuProbe((SMALL,), CUDA), footprint(21, reserve_gib=2), Settings())
+def test_stored_weights_with_little_room_left_warn_about_the_batch_size() -> None:
+    settings = Settings(engine="generate")
+    result = check_weights_fit(GpuProbe((SMALL,), CUDA), footprint(21, reserve_gib=2), settings)
     assert result.status is Status.WARN
     assert "CAPTION_MAX_BATCH" in result.message
 
 
 def test_the_slot_engine_with_little_room_for_its_kv_cache_warns_about_slots() -> None:
-    settings = Settings(engine="slots")
+    settings = Settings()  # the slot engine is the default
     result = check_weights_fit(GpuProbe((SMALL,), CUDA), footprint(21, reserve_gib=2), settings)
     assert result.status is Status.WARN
     assert "KV cache" in result.message and "CAPTION_SLOTS" in result.message

@@ -34,6 +34,7 @@ def settings(**values: object) -> Settings:
     # A hang grace far beyond any test: the watchdog must never end the test process.
     base: dict[str, object] = {
         "engine_factory": FAKE,
+        "engine": "generate",  # the fake is a whole-batch engine
         "task_deadline_s": DEADLINE_S,
         "hang_grace_s": 600.0,
         "metrics_port": 0,
@@ -241,7 +242,8 @@ def test_the_default_port_taken_leaves_the_endpoints_off_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     default = Settings.model_fields["metrics_port"].default
-    plain = Settings(engine_factory=FAKE)  # the port is not set: the default applies
+    # The port is not set: the default applies.
+    plain = Settings(engine_factory=FAKE, engine="generate")
     assert "metrics_port" not in plain.model_fields_set
     with taken_port(default), caplog.at_level(logging.WARNING):
         assert serve_operations(plain, Lifecycle()) is None

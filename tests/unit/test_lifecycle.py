@@ -23,7 +23,7 @@ NOT_ALLOWED = [(a, b) for a, b in product(State, State) if b not in ALLOWED[a]]
 
 
 def settings(**values: object) -> Settings:
-    return Settings(**{"engine_factory": FAKE, **values})  # type: ignore[arg-type]
+    return Settings(**{"engine_factory": FAKE, "engine": "generate", **values})  # type: ignore[arg-type]
 
 
 @pytest.fixture()

@@ -86,6 +86,31 @@ def test_slot_defaults_follow_the_batch_and_pixel_limits() -> None:
     assert Settings(slots=3, slot_tokens=700).slot_capacity == 700
 
 
+def test_the_slot_engine_is_the_default_where_every_weight_is_on_the_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CAPTION_ENGINE", raising=False)
+    assert load_settings().engine == "slots"
+    # Weights that spill to or stream from CPU RAM are served by the whole-batch engine.
+    for mode in ("balanced", "lowvram"):
+        monkeypatch.setenv("CAPTION_MEMORY_MODE", mode)
+        assert load_settings().engine == "generate"
+    monkeypatch.setenv("CAPTION_ENGINE", "generate")
+    assert load_settings().engine == "generate"
+
+
+def test_slots_with_a_spilling_memory_mode_is_refused_with_the_alternatives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAPTION_MEMORY_MODE", "lowvram")
+    monkeypatch.setenv("CAPTION_ENGINE", "slots")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "CAPTION_MEMORY_MODE=gpu" in message and "lowvram" in message
+    assert "CAPTION_ENGINE=generate" in message
+
+
 def test_visibility_timeout_must_exceed_deadline_grace_and_margin() -> None:
     short = Settings(task_deadline_s=600, visibility_margin_s=60, visibility_timeout_s=665)
     with pytest.raises(ConfigError, match="CAPTION_VISIBILITY_TIMEOUT_S"):

@@ -42,7 +42,7 @@ class BenchConfig:
     new_tokens: int = 128
     image_px: int = 256
     random_shape: str | None = None  # 4b | 8b | 32b (GPU), else the tiny model
-    engine: str = "generate"  # generate | slots
+    engine: str = "slots"  # slots | generate
     weights: str = "sdnq"  # sdnq | bf16 | int8
     mixed: bool = False  # caption lengths cycle through 1/8, 1/4, 1/2 and all of new_tokens
     models_dir: Path | None = None  # keep the benchmark model here and reuse it

@@ -16,8 +16,10 @@ step would. All graphs share one memory pool; that is safe because they never ru
 and nothing a graph allocates outlives its replay except its output, which is read first.
 
 Capture happens at start (``SlotEngine.warm_up``, before the worker says ready) for every
-bucket, and is logged with its time. On the CPU, or with ``CAPTION_CUDA_GRAPHS=false``, or
-when a capture fails (then with a warning), the engine runs the eager step.
+bucket, and is logged with its time; then every bucket is replayed once on inputs a live
+step could have and compared with the eager step. On the CPU, or with
+``CAPTION_CUDA_GRAPHS=false``, or when a capture fails (then with a warning), the engine
+runs the eager step.
 """
 
 from __future__ import annotations
@@ -46,21 +48,28 @@ class Recorder(Protocol):
 
 
 class CudaRecorder:
-    """Records with ``torch.cuda.CUDAGraph`` into one shared memory pool."""
+    """Records with ``torch.cuda.CUDAGraph`` on the model's device, into one shared memory
+    pool."""
 
-    def __init__(self) -> None:
-        self._pool = torch.cuda.graph_pool_handle()
+    def __init__(self, device: torch.device) -> None:
+        # Streams, pools and captures belong to the thread's current device, which is
+        # cuda:0 unless set: a model on cuda:1 must be captured on cuda:1. (A replay sets
+        # its graph's device itself.)
+        self._device = device
+        with torch.cuda.device(device):
+            self._pool = torch.cuda.graph_pool_handle()
 
     def record(self, run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = run()
+        with torch.cuda.device(self._device):
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = run()
         return graph.replay, output
 
 
@@ -134,4 +143,4 @@ def cuda_recorder_for(device: torch.device, enabled: bool) -> Any:
     None (the eager step)."""
     if not enabled or device.type != "cuda":
         return None
-    return CudaRecorder()
+    return CudaRecorder(device)

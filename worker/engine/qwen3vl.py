@@ -12,6 +12,7 @@ here per slot, never on the model object.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,13 +76,21 @@ def prefill(model: Any, rows: list[dict[str, Any]], pad_id: int) -> tuple[list[P
     # from their own image grids, and clear them after, so nothing leaks into the next call.
     model.model.rope_deltas = None
     try:
-        out = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, **{_cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
         deltas = [int(d) for d in model.model.rope_deltas[:, 0].tolist()]
     finally:
         model.model.rope_deltas = None
     lengths = [int(r["input_ids"].shape[1]) for r in rows]
     logits = out.logits[:, -1]
     return [Prefilled(logits[i], lengths[i], deltas[i]) for i in range(len(rows))], cache
+
+
+def _cache_argument(model: Any) -> str:
+    """The name ``forward`` takes the KV cache under: ``past_key_values`` up to transformers
+    5.2x, ``cache`` after. An unknown name would be swallowed by ``**kwargs`` and the model
+    would fill a cache of its own, so ask the signature rather than guess."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -101,23 +110,17 @@ def decode_step(
     row run too (shapes stay in a few buckets); what they write is overwritten at their next
     prefill.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
-        apply_rotary_pos_emb,
-        eager_attention_forward,
-    )
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
     text = model.model.language_model
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-        text.config._attn_implementation, eager_attention_forward
-    )
     n = tokens.shape[0]
     hidden = text.embed_tokens(tokens[:, None])
     # Decode tokens are text: the same position on all three mrope rows.
     positions = (lengths + deltas)[None, :, None].expand(3, n, 1)
     cos, sin = text.rotary_emb(hidden, positions)
     keys_at = torch.arange(keys, device=tokens.device)
-    mask = (keys_at[None, :] <= lengths[:, None])[:, None, None, :]
+    visible = (keys_at[None, :] <= lengths[:, None])[:, None, None, :]
+    attention, mask = _attention(text.config._attn_implementation, visible, hidden.dtype)
     rows = torch.arange(n, device=tokens.device)
     for index, layer in enumerate(text.layers):
         residual = hidden
@@ -145,3 +148,20 @@ def decode_step(
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     hidden = text.norm(hidden)
     return model.lm_head(hidden[:, -1])  # type: ignore[no-any-return]
+
+
+def _attention(implementation: str, visible: torch.Tensor, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The attention function for the decode step and the mask in the form it takes.
+
+    ``eager`` adds its mask to the scores, so it gets 0 / the dtype's minimum (a boolean
+    mask would add 1 and 0 and hide nothing). Everything else runs SDPA with the boolean
+    mask: flash-attention kernels take 2-D padding masks, not a slot's 4-D mask, and SDPA is
+    what they would compute."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+
+    if implementation == "eager":
+        additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        additive.masked_fill_(~visible, torch.finfo(dtype).min)
+        return eager_attention_forward, additive
+    return ALL_ATTENTION_FUNCTIONS["sdpa"], visible

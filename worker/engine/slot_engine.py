@@ -100,12 +100,13 @@ class SlotEngine:
         return done
 
     def _capture(self) -> None:
-        """Capture every decode bucket and check one replay against the eager step; any
-        failure leaves the engine on the eager step (slower, never wrong)."""
+        """Capture every decode bucket and check each against the eager step; any failure
+        leaves the engine on the eager step (slower, never wrong)."""
         assert self.graphs is not None
         shapes = buckets(self.slots, self.capacity, _bucket)
         try:
             seconds = self.graphs.capture(shapes)
+            checked = time.perf_counter()
             self._check_graphs()
         except Exception as exc:
             log.warning(
@@ -114,18 +115,47 @@ class SlotEngine:
             self.graphs = None
             self.release_memory()
             return
-        log.info("decode step: %d CUDA graphs captured in %.1fs", len(shapes), seconds)
+        log.info(
+            "decode step: %d CUDA graphs captured in %.1fs, checked against the eager step "
+            "in %.1fs",
+            len(shapes),
+            seconds,
+            time.perf_counter() - checked,
+        )
 
     def _check_graphs(self) -> None:
+        """Replay every bucket once on inputs a live step could have (any token, lengths up
+        to the bucket's cache positions, the negative rope deltas of image rows) and compare
+        its logits and the keys and values it writes with the eager step's. A graph that
+        baked in its capture-time inputs, or wrote the cache somewhere else, differs here.
+        No row is live yet, so what these steps write is never read."""
         assert self.graphs is not None
-        pad = torch.full((1,), self._pad, device=self._device)
-        zero = torch.zeros(1, dtype=torch.long, device=self._device)
-        keys = _bucket(1, self.capacity, 256)
-        expected = self._eager_step(pad, zero, zero, keys).float()
-        got = self.graphs(pad, zero, zero, keys).float()
-        if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2):
-            diff = (got - expected).abs().max().item()
-            raise RuntimeError(f"a graph replay differs from the eager step by {diff:.3g}")
+        seeded = torch.Generator().manual_seed(0)
+        vocab = int(self.base.model.config.text_config.vocab_size)
+        keys_out, values_out = self.cache.keys[-1], self.cache.values[-1]
+        for n, keys in self.graphs.shapes:
+            tokens = torch.randint(0, vocab, (n,), generator=seeded)
+            lengths = torch.randint(0, keys, (n,), generator=seeded)
+            # An image row's mrope position (length + delta) is behind its length, never < 0.
+            deltas = -torch.minimum(torch.randint(0, 1_024, (n,), generator=seeded), lengths)
+            tokens, lengths, deltas = (t.to(self._device) for t in (tokens, lengths, deltas))
+            rows = torch.arange(n, device=self._device)
+            expected = self._eager_step(tokens, lengths, deltas, keys).float()
+            written = (keys_out[rows, :, lengths].clone(), values_out[rows, :, lengths].clone())
+            keys_out[rows, :, lengths] = 0
+            values_out[rows, :, lengths] = 0
+            got = self.graphs(tokens, lengths, deltas, keys).float()
+            for what, a, b in (
+                ("logits", got, expected),
+                ("keys", keys_out[rows, :, lengths], written[0]),
+                ("values", values_out[rows, :, lengths], written[1]),
+            ):
+                if not torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2):
+                    diff = (a.float() - b.float()).abs().max().item()
+                    raise RuntimeError(
+                        f"the graph for {n} slots x {keys} positions differs from the eager "
+                        f"step in its {what} by {diff:.3g}"
+                    )
 
     # Slots.
     @property
