@@ -29,7 +29,7 @@ from tests.support.stack import AMQP_URL, WorkerStack
 from tests.support.waits import READY_TIMEOUT_S, wait_for_value
 from worker.devtools.loopback import LoopbackS3
 from worker.devtools.processes import WorkerProcess
-from worker.runtime.lifecycle import EXIT_HUNG
+from worker.runtime.lifecycle import EXIT_DEVICE_FAILED, EXIT_HUNG
 from worker.settings import DEADLINE_GRACE_S
 
 PRODUCTION_ENGINE = "worker.engine.hf_generate:load_engine"
@@ -270,14 +270,28 @@ def test_uncached_model_with_auto_download_off_stops_the_worker(
 # --- Faults while serving ----------------------------------------------------------------------
 
 
+KILLED = ("[kill]", -9)  # a crash in native code
+# A sticky CUDA error: the worker exits itself rather than fail every later task.
+DEVICE_FAILED = ("[device-error]", EXIT_DEVICE_FAILED)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    "engine, broker", [("generate", "redis"), ("slots", "redis"), ("generate", "amqp")]
+    "engine, broker, fault",
+    [
+        ("generate", "redis", KILLED),
+        ("slots", "redis", KILLED),
+        ("generate", "amqp", KILLED),
+        ("generate", "redis", DEVICE_FAILED),
+        ("slots", "redis", DEVICE_FAILED),
+    ],
+    ids=["generate-redis", "slots-redis", "generate-amqp", "generate-device", "slots-device"],
 )
 def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
-    stack: WorkerStack, engine: str, broker: str
+    stack: WorkerStack, engine: str, broker: str, fault: tuple[str, int]
 ) -> None:
-    """A task that SIGKILLs its worker every time it runs.
+    """A task that ends its worker every time it runs: SIGKILLed, or exiting on a device
+    error that would fail every later call.
 
     Each crash leaves the message unacknowledged; Redis hands it out again after the
     visibility timeout, RabbitMQ as soon as the dead worker's connection drops, to the
@@ -285,13 +299,14 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
     lives in the result backend. Two ordinary tasks are sent together with it, and one
     more after it failed.
     """
+    marker, exit_code = fault
     supervisor = Supervisor(
         stack, max_restarts=MAX_DELIVERIES + 1, extra={"CAPTION_ENGINE": engine}
     )
     try:
         supervisor.start()
         started = time.monotonic()
-        poison = send(stack, prompt="[kill] Describe this image.")
+        poison = send(stack, prompt=f"{marker} Describe this image.")
         neighbours = [send(stack), send(stack)]
         poison_meta = supervisor.wait_terminal(poison, timeout_s=(MAX_DELIVERIES + 2) * 40)
         poison_s = time.monotonic() - started
@@ -312,8 +327,8 @@ def test_poison_task_fails_with_too_many_deliveries_and_spares_the_others(
     assert kind == "TooManyDeliveries", f"{kind}: {message}\n{history}"
     assert f"CAPTION_MAX_DELIVERIES={MAX_DELIVERIES}" in message
     assert "crashes the model" in message
-    # One SIGKILL per delivery that ran it, and no more deaths once it was failed.
-    assert supervisor.codes() == [-9] * MAX_DELIVERIES, history
+    # One death per delivery that ran it, and no more once it was failed.
+    assert supervisor.codes() == [exit_code] * MAX_DELIVERIES, history
     assert alive
     assert after_meta["status"] == "SUCCESS", f"{after_meta}\n{history}"
     assert after_meta["result"]["worker"].endswith(f"/{supervisor.pid}")

@@ -8,13 +8,15 @@ triggers a fault by putting a marker in its prompt:
   per-row deadline still applies, as it would to a slow GPU.
 - ``[hang]``: the generate call blocks for an hour, ignoring deadlines (a stuck kernel).
 - ``[kill]``: the process SIGKILLs itself inside generate (a crash in native code).
+- ``[device-error]``: generate raises ``torch.AcceleratorError`` as CUDA does after an
+  illegal memory access, and so does every model call after it (the error is sticky).
 
 ``FAULT_OOM_ABOVE=N`` makes every generate call with more than N rows raise
 ``torch.OutOfMemoryError``, as CUDA does when a batch does not fit.
 
-With ``CAPTION_ENGINE=slots`` the same markers act on the slot engine: ``[kill]`` and
-``[hang]`` when the row is prefilled, ``[slow]`` on every decode step while the row is live,
-and ``FAULT_OOM_ABOVE`` on prefills of more rows.
+With ``CAPTION_ENGINE=slots`` the same markers act on the slot engine: ``[kill]``,
+``[hang]`` and ``[device-error]`` when the row is prefilled, ``[slow]`` on every decode step
+while the row is live, and ``FAULT_OOM_ABOVE`` on prefills of more rows.
 """
 
 from __future__ import annotations
@@ -32,7 +34,23 @@ from worker.engine.repetition import RepetitionGuard
 from worker.engine.slot_engine import SlotEngine, _Row
 from worker.settings import Settings
 
-MARKERS = ("[slow]", "[hang]", "[kill]")
+MARKERS = ("[slow]", "[hang]", "[kill]", "[device-error]")
+
+
+class _Device:
+    """The injected device state: broken for good once a ``[device-error]`` row ran."""
+
+    broken = False
+
+    @classmethod
+    def check(cls, found: set[str]) -> None:
+        import torch
+
+        cls.broken = cls.broken or "[device-error]" in found
+        if cls.broken:
+            raise torch.AcceleratorError(
+                "CUDA error: an illegal memory access was encountered (injected)"
+            )
 
 
 class _SleepEachStep:
@@ -77,6 +95,7 @@ class FaultyEngine(GenerateEngine):
             os.kill(os.getpid(), signal.SIGKILL)
         if "[hang]" in found:
             time.sleep(3600)
+        _Device.check(found)
         try:
             return super().generate(batch, deadlines)
         finally:
@@ -106,9 +125,11 @@ class FaultySlotEngine(SlotEngine):
             os.kill(os.getpid(), signal.SIGKILL)
         if "[hang]" in found:
             time.sleep(3600)
+        _Device.check(found)
         return super().admit_many(rows)
 
     def step(self) -> list[tuple[int, CaptionOutput]]:
+        _Device.check(set())
         if "[slow]" in self.base._found([row.item for row in self._rows.values()]):
             time.sleep(float(os.environ.get("FAULT_STEP_DELAY_S", "0.5")))
         return super().step()

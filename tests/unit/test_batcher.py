@@ -332,6 +332,55 @@ def test_a_task_that_crashed_a_worker_before_runs_alone_and_is_accounted() -> No
     assert [g.inside for g in guards] == [0] * 5
 
 
+class BrokenDevice(FakeEngine):
+    """Every call fails as CUDA does once an illegal memory access broke the context."""
+
+    def generate(
+        self, batch: Sequence[PreparedInput], deadlines: Sequence[float] | None = None
+    ) -> list[CaptionOutput]:
+        self.calls.append(list(batch))
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_device_failure_is_handed_over_while_its_rows_are_inside_the_call() -> None:
+    guards = [_Guard(suspect=False) for _ in range(3)]
+    handed: list[tuple[str, list[int]]] = []
+    batcher = Batcher(
+        BrokenDevice(),
+        BatchLimits(max_batch=8, wait_s=0.5),
+        on_device_failure=lambda exc: handed.append(
+            (type(exc).__name__, [g.inside for g in guards])
+        ),
+    )
+    batcher.start()
+    try:
+        with batcher.expect():
+            futures = [
+                batcher.submit(item(t), time.monotonic() + LATER, guards[t]) for t in range(3)
+            ]
+        outcomes = settle(batcher, futures)
+    finally:
+        batcher.stop(timeout=5)
+    # The worker's hook exits the process at the first call, the rows inside it: the exit
+    # counts as a crash against each. (A hook that returns leaves them to fail.)
+    assert handed[0] == ("AcceleratorError", [1, 1, 1])
+    assert all(isinstance(o, CaptionFailed) for o in outcomes)
+
+
+def test_an_ordinary_model_error_is_no_device_failure() -> None:
+    handed: list[BaseException] = []
+    batcher = Batcher(
+        FakeEngine(poison_tags=[1]), BatchLimits(max_batch=8), on_device_failure=handed.append
+    )
+    batcher.start()
+    try:
+        outcome = settle(batcher, [batcher.submit(item(1), time.monotonic() + LATER)])[0]
+    finally:
+        batcher.stop(timeout=5)
+    assert isinstance(outcome, CaptionFailed)
+    assert handed == []
+
+
 # --- lanes -------------------------------------------------------------------------------------
 
 

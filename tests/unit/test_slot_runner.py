@@ -288,3 +288,64 @@ def test_bulk_rows_alone_are_admitted_as_before(make_runner: Any) -> None:
     # Oldest first: bulk rows never starve without interactive load.
     assert engine.admitted == list(range(20, 30))
     assert engine.peak_live == 3
+
+
+class _Guard:
+    """Counts how many model calls a row is inside, as the task's crash guard records."""
+
+    suspect = False
+    inside = 0
+
+    def enter(self) -> None:
+        self.inside += 1
+
+    def exit(self) -> None:
+        self.inside -= 1
+
+
+class BrokenDeviceSlots(FakeSlots):
+    """The device fails in the third decode step, as CUDA does after an illegal access."""
+
+    steps = 0
+
+    def step(self) -> list[tuple[int, CaptionOutput]]:
+        self.steps += 1
+        if self.steps == 3:
+            torch = pytest.importorskip("torch")
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return super().step()
+
+
+def test_a_device_failure_is_handed_over_while_the_live_rows_are_inside_the_model() -> None:
+    handed: list[tuple[str, list[int]]] = []
+    guards = [_Guard() for _ in range(3)]
+    runner = SlotRunner(
+        cast(SlotEngine, BrokenDeviceSlots(slots=4)),
+        on_device_failure=lambda exc: handed.append(
+            (type(exc).__name__, [g.inside for g in guards])
+        ),
+    )
+    runner.start()
+    try:
+        far = time.monotonic() + 30
+        with runner._cond:
+            futures = [runner.submit(row(i, tokens=8), far, guards[i]) for i in range(3)]
+        settle(runner, futures, timeout=10)
+    finally:
+        runner.stop(timeout=5)
+    # The worker's hook exits the process here, its rows still inside the call: the exit
+    # counts as a crash against each. (A hook that returns leaves the rows to fail.)
+    assert handed == [("AcceleratorError", [1, 1, 1])]
+
+
+def test_an_ordinary_model_error_is_the_rows_own_and_not_a_device_failure() -> None:
+    handed: list[BaseException] = []
+    runner = SlotRunner(cast(SlotEngine, FakeSlots(slots=2)), on_device_failure=handed.append)
+    runner.start()
+    try:
+        far = time.monotonic() + 30
+        broken = settle(runner, [runner.submit(row(BROKEN_TAG), far)], timeout=10)[0]
+    finally:
+        runner.stop(timeout=5)
+    assert isinstance(broken, CaptionFailed)
+    assert handed == []

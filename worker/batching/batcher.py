@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from worker.batching.model_thread import ModelThread
@@ -37,9 +37,13 @@ class Batcher(ModelThread):
     thread_name = "caption-batcher"
 
     def __init__(
-        self, model: BatchEngine, limits: BatchLimits, metrics: MetricsHook = NO_METRICS
+        self,
+        model: BatchEngine,
+        limits: BatchLimits,
+        metrics: MetricsHook = NO_METRICS,
+        on_device_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
-        super().__init__(metrics)
+        super().__init__(metrics, on_device_failure)
         self._model = model
         self._limits = limits
         self._pending: list[PendingRow] = []
@@ -149,6 +153,9 @@ class Batcher(ModelThread):
         try:
             try:
                 outputs = self._model.generate([e.item for e in batch], [e.deadline for e in batch])
+            except Exception as exc:
+                self._check_device(exc)  # guards still entered: an exit counts as a crash
+                raise
             finally:  # the call returned or raised: the process survived it
                 for guard in guards:
                     guard.exit()

@@ -7,10 +7,11 @@ threads ``submit`` rows under the shared condition, and the runner's ``_loop`` t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from worker.batching.rows import PendingRow
-from worker.engine.base import CaptionOutput, Lane, PreparedInput, RunGuard
+from worker.engine.base import CaptionOutput, Lane, PreparedInput, RunGuard, device_failed
 from worker.errors import CaptionFailed
 from worker.ops.metrics import NO_METRICS, MetricsHook
 
@@ -20,8 +21,13 @@ class ModelThread:
 
     thread_name = "caption-model"
 
-    def __init__(self, metrics: MetricsHook = NO_METRICS) -> None:
+    def __init__(
+        self,
+        metrics: MetricsHook = NO_METRICS,
+        on_device_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._on_device_failure = on_device_failure
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -63,6 +69,15 @@ class ModelThread:
             self._enqueue(PendingRow(item, deadline, future, guard=guard, lane=lane))
             self._cond.notify_all()
         return future
+
+    def _check_device(self, exc: BaseException) -> None:
+        """Hand a failure of the device itself to ``on_device_failure`` (the worker exits
+        there, so its unacknowledged tasks go to a healthy worker) before the rows of the
+        failed call are failed or let go: their crash guards are still entered, so the
+        exit counts against them as a crash would. Called first in every handler of a
+        model call; any other error returns here and is the rows' own."""
+        if self._on_device_failure is not None and device_failed(exc):
+            self._on_device_failure(exc)
 
     def _enqueue(self, row: PendingRow) -> None:
         """Add a submitted row to the runner's queue (condition held)."""

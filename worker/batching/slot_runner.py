@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from worker.batching.model_thread import ModelThread
@@ -46,8 +46,13 @@ class SlotRunner(ModelThread):
 
     thread_name = "caption-slots"
 
-    def __init__(self, engine: SlotEngine, metrics: MetricsHook = NO_METRICS) -> None:
-        super().__init__(metrics)
+    def __init__(
+        self,
+        engine: SlotEngine,
+        metrics: MetricsHook = NO_METRICS,
+        on_device_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        super().__init__(metrics, on_device_failure)
         self._engine = engine
         self._pending: deque[PendingRow] = deque()
         self._live: dict[int, PendingRow] = {}
@@ -77,6 +82,7 @@ class SlotRunner(ModelThread):
                 self._step()
                 self._expire()
             except Exception as exc:  # keep the only model thread alive whatever happens
+                self._check_device(exc)
                 log.exception("slot step failed")
                 self._fail_live(CaptionFailed(f"internal slot engine error: {exc!r}"))
             self._metrics.rows_active(len(self._live))
@@ -159,6 +165,7 @@ class SlotRunner(ModelThread):
             fail_row(entry, CaptionFailed(f"out of memory even as the only row: {exc}"))
             return
         except Exception as exc:
+            self._check_device(exc)
             self._leave([entry])
             log.exception("generate failed for a row run alone")
             fail_row(entry, CaptionFailed(f"the model failed: {exc!r}"))
@@ -180,6 +187,7 @@ class SlotRunner(ModelThread):
             self._after_oom(entries, exc)
             return
         except Exception as exc:
+            self._check_device(exc)
             self._leave(entries)
             if len(entries) > 1:  # run each alone so one bad input cannot fail the others
                 log.warning("prefill failed for %d rows (%r); isolating", len(entries), exc)

@@ -151,3 +151,25 @@ class RowRunner(Protocol):
         Interactive rows are taken before bulk rows whenever the model takes rows.
         """
         ...
+
+
+def device_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves the accelerator unusable for the rest of the process.
+
+    A CUDA error other than out-of-memory (an illegal address, a device-side assert, a
+    launch failure, an ECC error) is sticky: the context is corrupted and every later call
+    fails too, so failing the rows of this call and carrying on would fail every task the
+    worker takes from then on. torch raises these as ``AcceleratorError`` (older releases:
+    a ``RuntimeError`` naming the CUDA error).
+    """
+    if not isinstance(exc, RuntimeError):
+        return False
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    message = str(exc)
+    return "CUDA error" in message or "device-side assert" in message

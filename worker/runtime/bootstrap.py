@@ -74,14 +74,19 @@ def make_runner(
     settings: Settings,
     limits: BatchLimits,
     metrics: MetricsHook = NO_METRICS,
+    on_device_failure: Callable[[BaseException], None] | None = None,
 ) -> RowRunner:
-    """The model thread for ``engine``: the slot runner or the whole-batch batcher."""
+    """The model thread for ``engine``: the slot runner or the whole-batch batcher.
+
+    ``on_device_failure`` is called with an error that left the device unusable (see
+    ``worker.engine.base.device_failed``); without it such an error fails its rows only.
+    """
     if settings.engine == "slots":
         from worker.batching.slot_runner import SlotRunner
         from worker.engine.slot_engine import SlotEngine
 
-        return SlotRunner(cast(SlotEngine, engine), metrics)
-    return Batcher(cast(BatchEngine, engine), limits, metrics)
+        return SlotRunner(cast(SlotEngine, engine), metrics, on_device_failure)
+    return Batcher(cast(BatchEngine, engine), limits, metrics, on_device_failure)
 
 
 def batch_limits(settings: Settings) -> BatchLimits:
@@ -121,14 +126,18 @@ def build_runtime(
     engine: CaptionEngine | None = None,
     limits: BatchLimits | None = None,
     metrics: MetricsHook = NO_METRICS,
+    on_device_failure: Callable[[BaseException], None] | None = None,
 ) -> Runtime:
     """Wire a worker around ``engine`` (loaded from settings when not given); not started.
 
-    ``metrics`` records what the runner and the service report (nothing by default).
+    ``metrics`` records what the runner and the service report (nothing by default);
+    ``on_device_failure`` see ``make_runner``.
     """
     engine = engine if engine is not None else load_engine(settings)
     metrics.model_loaded(engine.info)
-    runner = make_runner(engine, settings, limits or batch_limits(settings), metrics)
+    runner = make_runner(
+        engine, settings, limits or batch_limits(settings), metrics, on_device_failure
+    )
     service = CaptionService(
         settings, engine, ObjectStore(settings), runner, worker_name, metrics=metrics
     )

@@ -11,6 +11,7 @@ in ``worker.ops.http``) and owns the process's metrics, which it hands to the ru
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -28,6 +29,8 @@ from worker.settings import DEADLINE_GRACE_S, Settings
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 4
+# The device failed (a sticky CUDA error): this process can caption nothing more.
+EXIT_DEVICE_FAILED = 6
 
 
 class State(enum.Enum):
@@ -88,7 +91,11 @@ class Lifecycle:
             warm = engine.warm_up()
             log.info("warm-up caption answered in %.2fs", warm.seconds)
             runtime = build_runtime(
-                settings, worker_name, engine=engine, metrics=self.metrics
+                settings,
+                worker_name,
+                engine=engine,
+                metrics=self.metrics,
+                on_device_failure=self._device_failed,
             ).start()
             self._runtime = runtime
             self._watchdog = Watchdog(
@@ -119,6 +126,17 @@ class Lifecycle:
         log.critical("a generate call has run for over %.0fs: exiting", limit_s)
         logging.shutdown()
         os._exit(EXIT_HUNG)
+
+    def _device_failed(self, exc: BaseException) -> None:
+        """Exit at once, acknowledging nothing: the broker hands this worker's tasks to a
+        healthy one, and the supervisor starts a fresh process (a new CUDA context). The
+        rows of the failed call count it as a crash, so one input that breaks the device
+        every time fails with TooManyDeliveries like any other poison task."""
+        with contextlib.suppress(LifecycleError):
+            self._to(State.DEFUNCT)
+        log.critical("the device failed (%s: %s): exiting", type(exc).__name__, exc)
+        logging.shutdown()
+        os._exit(EXIT_DEVICE_FAILED)
 
     def mark_consuming(self) -> None:
         """Write the ready file once the consumer is connected and the model has answered."""
