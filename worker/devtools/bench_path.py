@@ -83,7 +83,7 @@ def bench_path(
                 "CAPTION_ENGINE": settings.engine,
                 "CAPTION_WEIGHTS": settings.weights,
                 "CAPTION_REPETITION_SPAN": str(settings.repetition_span),
-                "CAPTION_SLOTS": str(config.max_batch),
+                "CAPTION_SLOTS": str(size),  # one at a time means one slot
                 "SDNQ_USE_TORCH_COMPILE": os.environ.get("SDNQ_USE_TORCH_COMPILE", "0"),
             }
             worker = WorkerProcess(env, workdir / f"worker-{label}.log")
