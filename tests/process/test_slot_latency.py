@@ -1,6 +1,11 @@
 """Continuous batching through a real worker: a short task sent while 24 long captions decode
 finishes long before them with ``CAPTION_ENGINE=slots``; with ``generate`` it waits for the
 whole batch. The figures are printed (``pytest -s``) for both engines.
+
+The long tasks' decode steps each take 4 ms more (the fault-injection engine's ``[slow]``,
+about what a GPU step at this batch costs), so their batch outlasts the 1 s before the short
+task is sent on any machine; the short task's own steps are not delayed by ``generate`` and
+share the delayed steps under ``slots``, as a GPU's would.
 """
 
 from __future__ import annotations
@@ -17,20 +22,25 @@ from worker.devtools.loopback import LoopbackS3
 LONG_TASKS = 24
 LONG_TOKENS = 384
 SHORT_TOKENS = 16
+LONG_PROMPT = "[slow] Describe this image."
+STEP_DELAY_S = "0.004"
 TIMEOUT_S = 300.0
 
 
 def _short_during_long(stack: WorkerStack) -> dict[str, float]:
-    """Send the long tasks, wait until all run plus 0.5 s, send the short one; time both, and
+    """Send the long tasks, wait until all run plus 1 s, send the short one; time both, and
     count the long tasks already finished when the short one's result arrived."""
     uri = stack.upload("picture.png")
     started = time.monotonic()
-    longs = [stack.send(image=uri, max_new_tokens=LONG_TOKENS) for _ in range(LONG_TASKS)]
+    longs = [
+        stack.send(image=uri, prompt=LONG_PROMPT, max_new_tokens=LONG_TOKENS)
+        for _ in range(LONG_TASKS)
+    ]
     wait_until(
         lambda: all(t.state == "STARTED" for t in longs), TIMEOUT_S, "every long task started"
     )
     running = time.monotonic()
-    time.sleep(0.5)
+    time.sleep(1.0)
     assert not any(t.ready() for t in longs), "the long batch ended before the short task"
     sent = time.monotonic()
     short = stack.send(image=uri, max_new_tokens=SHORT_TOKENS)
@@ -59,6 +69,8 @@ def test_a_short_task_sent_mid_batch_does_not_wait_for_the_batch(
         tmp_path,
         name=f"latency-{engine}",
         redis=redis_url,
+        faulty=True,
+        FAULT_STEP_DELAY_S=STEP_DELAY_S,
         CAPTION_ENGINE=engine,
         CAPTION_MAX_BATCH="32",
         CAPTION_SLOTS="32",

@@ -68,7 +68,9 @@ class CudaRecorder:
                     run()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: CUDA calls other threads make meanwhile (the metrics endpoint reads
+            # memory statistics) do not invalidate this capture.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 output = run()
         return graph.replay, output
 

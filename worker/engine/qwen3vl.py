@@ -34,9 +34,9 @@ class StaticKVCache:
     def __init__(self, model: Any, slots: int, capacity: int) -> None:
         text = model.model.language_model.config
         shape = (slots, text.num_key_value_heads, capacity, text.head_dim)
-        # The embedding is never quantized: its dtype is the compute dtype, whatever form
-        # the linear layers' weights take.
-        param = model.model.language_model.embed_tokens.weight
+        # The final norm is never quantized (an embedding can be, with sdnq's
+        # quant_embedding): its dtype is the compute dtype, whatever form the weights take.
+        param = model.model.language_model.norm.weight
         # Zeros, not empty: masked positions still enter the attention matmul, and 0 * NaN
         # would poison a row.
         self.keys = [
