@@ -183,9 +183,15 @@ class Settings(BaseSettings):
         return self.max_pixels // (32 * 32) + 512 + min(1_024, self.max_new_tokens_limit)
 
     @property
+    def model_rows(self) -> int:
+        """Rows the model works on at once: the slots, or the largest generate batch."""
+        return self.slot_count if self.engine == "slots" else self.max_batch
+
+    @property
     def task_threads(self) -> int:
-        """Task threads per worker: enough to fill a batch while the next one downloads."""
-        return self.concurrency or self.max_batch + 4
+        """Task threads per worker: enough to fill every slot (or a batch) while the next
+        rows download."""
+        return self.concurrency or self.model_rows + 4
 
     @property
     def broker_is_redis(self) -> bool:

@@ -418,3 +418,29 @@ def test_a_capture_that_fails_or_disagrees_leaves_the_engine_on_the_eager_step(
 def test_graphs_are_off_on_the_cpu_and_when_disabled(engine: GenerateEngine) -> None:
     assert SlotEngine(engine, slots=2, capacity=256).graphs is None  # the CPU
     assert SlotEngine(engine, slots=2, capacity=256, cuda_graphs=False).graphs is None
+
+
+def test_a_prefill_that_fails_part_way_leaves_no_row_live(
+    engine: GenerateEngine, rows: list[PreparedInput], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner fails (or retries) every row of a failed prefill, so none may stay in a
+    slot, decoding for nobody."""
+    from worker.engine import slot_engine
+
+    slots = SlotEngine(engine, slots=3, capacity=256)
+    real = slot_engine.RowSampler.for_row
+    calls = []
+
+    def second_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected after the first row was admitted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slot_engine.RowSampler, "for_row", second_fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        slots.admit_many([(0, rows[0]), (1, rows[1]), (2, rows[3])])
+    assert slots.live == 0 and slots.free_slots() == [0, 1, 2]
+    monkeypatch.undo()
+    got = run_staggered(slots, [rows[0]], join_at=[0])[0]
+    assert got.text == engine.generate([rows[0]])[0].text

@@ -26,3 +26,10 @@ def test_generate_uses_the_factory_engine_behind_the_batcher() -> None:
     assert isinstance(runtime.engine, FakeEngine)
     assert isinstance(runtime.runner, Batcher)
     assert runtime.runner.batch_cap == 5
+
+
+def test_a_factory_engine_the_default_slots_cannot_wrap_serves_whole_batches() -> None:
+    # CAPTION_ENGINE unset: a custom factory written for whole batches keeps working.
+    runtime = build_runtime(Settings(engine_factory=FAKE, max_batch=5), "test")
+    assert isinstance(runtime.engine, FakeEngine)
+    assert isinstance(runtime.runner, Batcher)

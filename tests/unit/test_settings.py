@@ -79,6 +79,12 @@ def test_a_repetition_span_of_zero_turns_the_guard_off(monkeypatch: pytest.Monke
     assert load_settings().repetition_span == 0
 
 
+def test_task_threads_fill_every_slot_or_a_whole_batch() -> None:
+    assert Settings(max_batch=8, slots=64).task_threads == 64 + 4
+    assert Settings(engine="generate", max_batch=8, slots=64).task_threads == 8 + 4
+    assert Settings(max_batch=8, slots=64, concurrency=20).task_threads == 20
+
+
 def test_slot_defaults_follow_the_batch_and_pixel_limits() -> None:
     settings = Settings(max_batch=12, max_pixels=1_048_576, max_new_tokens_limit=4096)
     assert (settings.slot_count, settings.slot_capacity) == (12, 1024 + 512 + 1024)

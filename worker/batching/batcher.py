@@ -78,6 +78,7 @@ class Batcher(ModelThread):
             try:
                 self._run(batch)
             except Exception as exc:  # keep the only model thread alive whatever happens
+                self._check_device(exc)
                 log.exception("batcher step failed")
                 for entry in batch:
                     fail_row(entry, CaptionFailed(f"internal batching error: {exc!r}"))

@@ -192,7 +192,7 @@ class ShardCaptioner:
         """Caption ``items`` after the ``done`` lines; return every line and whether the
         shard is complete (False: ``should_stop`` said so and the rest was left)."""
         lines = list(done)
-        limit = self.in_flight or max(2 * self.service.settings.max_batch, self.workers)
+        limit = self.in_flight or max(2 * self.service.settings.model_rows, self.workers)
         pending: deque[tuple[Line, Future[_Row]]] = deque()
         since = 0
         stopped = False

@@ -153,23 +153,32 @@ class RowRunner(Protocol):
         ...
 
 
+#: CUDA's sticky errors, as their messages read (cudaGetErrorString): after one of these the
+#: context is corrupted and every later call in the process fails.
+STICKY_DEVICE_ERRORS = (
+    "illegal memory access",  # cudaErrorIllegalAddress
+    "device-side assert",  # cudaErrorAssert
+    "unspecified launch failure",  # cudaErrorLaunchFailure
+    "illegal instruction",  # cudaErrorIllegalInstruction
+    "misaligned address",  # cudaErrorMisalignedAddress
+    "invalid program counter",  # cudaErrorInvalidPc
+    "hardware stack error",  # cudaErrorHardwareStackError
+    "uncorrectable ECC error",  # cudaErrorECCUncorrectable
+    "the launch timed out",  # cudaErrorLaunchTimeout
+)
+
+
 def device_failed(exc: BaseException) -> bool:
     """Whether ``exc`` leaves the accelerator unusable for the rest of the process.
 
-    A CUDA error other than out-of-memory (an illegal address, a device-side assert, a
-    launch failure, an ECC error) is sticky: the context is corrupted and every later call
-    fails too, so failing the rows of this call and carrying on would fail every task the
-    worker takes from then on. torch raises these as ``AcceleratorError`` (older releases:
-    a ``RuntimeError`` naming the CUDA error).
+    Only CUDA's sticky errors do (an illegal address, a device-side assert, a launch
+    failure, an uncorrectable ECC error): failing the rows of this call and carrying on
+    would fail every task the worker takes from then on. Other CUDA errors (out of memory,
+    a cuBLAS allocation failure, an invalid launch configuration) fail their call only, and
+    stay the rows' own. torch raises both kinds as ``AcceleratorError`` (older releases: a
+    ``RuntimeError``), so the message decides.
     """
     if not isinstance(exc, RuntimeError):
         return False
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
     message = str(exc)
-    return "CUDA error" in message or "device-side assert" in message
+    return any(sticky in message for sticky in STICKY_DEVICE_ERRORS)

@@ -47,6 +47,11 @@ class StaticKVCache:
         self.slots = slots
         self.capacity = capacity
 
+    def clear(self) -> None:
+        """Zero every slot."""
+        for tensor in (*self.keys, *self.values):
+            tensor.zero_()
+
     @property
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k in self.keys)

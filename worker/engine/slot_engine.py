@@ -128,7 +128,7 @@ class SlotEngine:
         to the bucket's cache positions, the negative rope deltas of image rows) and compare
         its logits and the keys and values it writes with the eager step's. A graph that
         baked in its capture-time inputs, or wrote the cache somewhere else, differs here.
-        No row is live yet, so what these steps write is never read."""
+        No row is live yet; the cache is zeroed again afterwards."""
         assert self.graphs is not None
         seeded = torch.Generator().manual_seed(0)
         vocab = int(self.base.model.config.text_config.vocab_size)
@@ -156,6 +156,7 @@ class SlotEngine:
                         f"the graph for {n} slots x {keys} positions differs from the eager "
                         f"step in its {what} by {diff:.3g}"
                     )
+        self.cache.clear()
 
     # Slots.
     @property
@@ -194,15 +195,21 @@ class SlotEngine:
             self.base.model, [item.tensors for _, item in rows], self._pad
         )
         outputs: list[CaptionOutput | None] = []
-        for index, ((slot, item), first) in enumerate(zip(rows, firsts, strict=True)):
-            self.cache.load(slot, dynamic_cache, index, first.length)
-            sampler = RowSampler.for_row(
-                item.options, self.base.model.generation_config, self._device
-            )
-            prompt_ids = item.tensors["input_ids"][0].tolist()
-            row = _Row(item, sampler, prompt_ids, first.length, first.rope_delta, started)
-            self._rows[slot] = row
-            outputs.append(self._accept(slot, row, self._choose(row, first.logits)))
+        try:
+            for index, ((slot, item), first) in enumerate(zip(rows, firsts, strict=True)):
+                self.cache.load(slot, dynamic_cache, index, first.length)
+                sampler = RowSampler.for_row(
+                    item.options, self.base.model.generation_config, self._device
+                )
+                prompt_ids = item.tensors["input_ids"][0].tolist()
+                row = _Row(item, sampler, prompt_ids, first.length, first.rope_delta, started)
+                self._rows[slot] = row
+                outputs.append(self._accept(slot, row, self._choose(row, first.logits)))
+        except BaseException:
+            # The caller fails or retries every row of this call: none may stay live.
+            for slot, _ in rows:
+                self._rows.pop(slot, None)
+            raise
         for row in self._rows.values():
             row.peak_rows = max(row.peak_rows, self.live)
         return outputs

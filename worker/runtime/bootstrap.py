@@ -52,6 +52,15 @@ def load_engine(settings: Settings) -> CaptionEngine:
 
     if isinstance(engine, SlotEngine):
         return engine  # the factory built the slot engine itself (fault-injection tests)
+    if not isinstance(engine, GenerateEngine) and "engine" not in settings.model_fields_set:
+        # A custom factory's own engine, from before slots were the default: serve it the
+        # way it was written for rather than refuse to start.
+        log.info(
+            "%s returned a %s, which the slot engine cannot wrap: serving whole batches",
+            settings.engine_factory,
+            type(engine).__name__,
+        )
+        return engine
     if not isinstance(engine, GenerateEngine):
         raise ConfigError(
             f"CAPTION_ENGINE=slots needs CAPTION_ENGINE_FACTORY ({settings.engine_factory}) "
@@ -76,7 +85,8 @@ def make_runner(
     metrics: MetricsHook = NO_METRICS,
     on_device_failure: Callable[[BaseException], None] | None = None,
 ) -> RowRunner:
-    """The model thread for ``engine``: the slot runner or the whole-batch batcher.
+    """The model thread for ``engine``: the slot runner for a slot engine, else the
+    whole-batch batcher.
 
     ``on_device_failure`` is called with an error that left the device unusable (see
     ``worker.engine.base.device_failed``); without it such an error fails its rows only.
@@ -85,7 +95,8 @@ def make_runner(
         from worker.batching.slot_runner import SlotRunner
         from worker.engine.slot_engine import SlotEngine
 
-        return SlotRunner(cast(SlotEngine, engine), metrics, on_device_failure)
+        if isinstance(engine, SlotEngine):
+            return SlotRunner(engine, metrics, on_device_failure)
     return Batcher(cast(BatchEngine, engine), limits, metrics, on_device_failure)
 
 

@@ -110,10 +110,11 @@ class Lifecycle:
             raise
         self._to(State.READY)
         log.info(
-            "caption worker ready: %s, model %s, max batch %d, started in %.1fs",
+            "caption worker ready: %s, model %s, %s of %d rows, started in %.1fs",
             worker_name,
             engine.info.name,
-            settings.max_batch,
+            type(runtime.runner).__name__,
+            settings.model_rows,
             time.perf_counter() - started,
         )
         return runtime.service
@@ -124,8 +125,7 @@ class Lifecycle:
         except LifecycleError:
             return  # already stopping: the shutdown path owns the process now
         log.critical("a generate call has run for over %.0fs: exiting", limit_s)
-        logging.shutdown()
-        os._exit(EXIT_HUNG)
+        _exit_now(EXIT_HUNG)
 
     def _device_failed(self, exc: BaseException) -> None:
         """Exit at once, acknowledging nothing: the broker hands this worker's tasks to a
@@ -135,8 +135,7 @@ class Lifecycle:
         with contextlib.suppress(LifecycleError):
             self._to(State.DEFUNCT)
         log.critical("the device failed (%s: %s): exiting", type(exc).__name__, exc)
-        logging.shutdown()
-        os._exit(EXIT_DEVICE_FAILED)
+        _exit_now(EXIT_DEVICE_FAILED)
 
     def mark_consuming(self) -> None:
         """Write the ready file once the consumer is connected and the model has answered."""
@@ -208,3 +207,12 @@ class Lifecycle:
         if self._state is not State.READY or self._runtime is None:
             raise CaptionFailed(f"the worker is not ready (state {self._state.value})")
         return self._runtime.service
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once, acknowledging nothing: flush the logs for at most 2 s (a
+    stalled stderr must not keep a broken worker alive), then ``os._exit``."""
+    flusher = threading.Thread(target=logging.shutdown, name="exit-log-flush", daemon=True)
+    flusher.start()
+    flusher.join(2.0)
+    os._exit(code)
