@@ -444,3 +444,10 @@ def test_a_prefill_that_fails_part_way_leaves_no_row_live(
     monkeypatch.undo()
     got = run_staggered(slots, [rows[0]], join_at=[0])[0]
     assert got.text == engine.generate([rows[0]])[0].text
+
+
+def test_the_kv_budget_counts_what_the_cache_allocates(engine: GenerateEngine) -> None:
+    from worker.engine.kv_budget import kv_bytes_per_slot
+
+    slots = SlotEngine(engine, slots=3, capacity=256)
+    assert slots.cache.nbytes == 3 * kv_bytes_per_slot(engine.model, 256)

@@ -66,9 +66,18 @@ def load_engine(settings: Settings) -> CaptionEngine:
             f"CAPTION_ENGINE=slots needs CAPTION_ENGINE_FACTORY ({settings.engine_factory}) "
             "to return a GenerateEngine"
         )
-    slots = SlotEngine(
-        engine, settings.slot_count, settings.slot_capacity, cuda_graphs=settings.cuda_graphs
+    from worker.engine.kv_budget import free_device_bytes, kv_bytes_per_slot, slots_that_fit
+    from worker.engine.loading import ACTIVATION_MARGIN_BYTES
+
+    free = free_device_bytes(engine.info.device)
+    count = slots_that_fit(
+        settings.slot_count,
+        explicit=settings.slots is not None,
+        per_slot=kv_bytes_per_slot(engine.model, settings.slot_capacity),
+        room=None if free is None else free - ACTIVATION_MARGIN_BYTES,
+        capacity=settings.slot_capacity,
     )
+    slots = SlotEngine(engine, count, settings.slot_capacity, cuda_graphs=settings.cuda_graphs)
     log.info(
         "slot engine: %d slots of %d tokens, KV cache %.2f GiB",
         slots.slots,

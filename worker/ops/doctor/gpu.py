@@ -145,7 +145,8 @@ def check_weights_fit(
             "or a larger GPU",
         )
     short = (
-        "the slot engine's KV cache may not fit at start; lower CAPTION_SLOTS or "
+        "the slot engine's KV cache may not fit: the worker then starts with fewer slots "
+        "(and refuses a CAPTION_SLOTS that does not fit); lower CAPTION_SLOTS or "
         "CAPTION_SLOT_TOKENS"
         if settings.engine == "slots"
         else "large batches will run out of memory and be split; lower CAPTION_MAX_BATCH"
