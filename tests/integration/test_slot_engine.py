@@ -451,3 +451,29 @@ def test_the_kv_budget_counts_what_the_cache_allocates(engine: GenerateEngine) -
 
     slots = SlotEngine(engine, slots=3, capacity=256)
     assert slots.cache.nbytes == 3 * kv_bytes_per_slot(engine.model, 256)
+
+
+def test_a_device_without_room_for_every_slot_starts_with_fewer_or_refuses_a_set_count(
+    tiny_model_dir: Path, engine: GenerateEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's own path (``bootstrap.load_engine``) with the device's free memory
+    pretended: room for two and a half slots after the activation margin."""
+    from worker.engine import kv_budget
+    from worker.engine.loading import ACTIVATION_MARGIN_BYTES
+    from worker.errors import ModelLoadError
+    from worker.runtime.bootstrap import load_engine as load_worker_engine
+
+    per_slot = kv_budget.kv_bytes_per_slot(engine.model, 512)
+    free = ACTIVATION_MARGIN_BYTES + 5 * per_slot // 2
+    monkeypatch.setattr(kv_budget, "free_device_bytes", lambda device: free)
+    common: dict[str, Any] = {
+        "model": str(tiny_model_dir),
+        "dtype": "float32",
+        "auto_download": False,
+        "max_batch": 6,
+        "slot_tokens": 512,
+    }
+    slots = load_worker_engine(Settings(**common))
+    assert isinstance(slots, SlotEngine) and slots.slots == 2
+    with pytest.raises(ModelLoadError, match=r"6 slots of 512 tokens need .*\(2 would fit\)"):
+        load_worker_engine(Settings(**common, slots=6))

@@ -179,6 +179,8 @@ def bench_engine(config: BenchConfig, settings: Settings, images: list[bytes]) -
     graphs = getattr(engine, "graphs", None)
     result: dict[str, Any] = {
         "engine": settings.engine,
+        # The slots the KV cache was sized to (fewer than --max-batch when the GPU lacks room).
+        "slots": getattr(engine, "slots", None),
         "cuda_graphs": len(graphs.shapes) if graphs is not None else 0,
         "prompt_tokens": items[0].prompt_tokens,
         "prepare_ms_per_image": round(1000 * prepare_s / len(items), 2),
