@@ -302,7 +302,10 @@ def bench(
         models_dir,
         single,
     )
-    report = run_bench(config)
+    try:
+        report = run_bench(config)
+    except CaptionError as exc:  # a refused configuration or model: one line, not a traceback
+        raise _fail(exc, 2) from None
     _print_json(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))

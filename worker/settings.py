@@ -221,12 +221,14 @@ class Settings(BaseSettings):
             )
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_errors(exc: ValidationError) -> str:
+    """Each error as ``CAPTION_NAME: message`` (a rule over several settings: ``settings:``
+    and its own message, which names them)."""
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"])
         name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        parts.append(f"{name}: {err['msg']}")
+        parts.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
@@ -235,7 +237,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+        raise ConfigError(f"invalid configuration: {describe_errors(exc)}") from None
 
 
 @functools.cache

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.settings import Settings
+from pydantic import ValidationError
+
+from worker.errors import ConfigError
+from worker.settings import Settings, describe_errors
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,13 @@ def _model_dir(config: BenchConfig, workdir: Path, gpu: bool) -> Path:
 
 def _settings(config: BenchConfig, model_dir: Path, gpu: bool) -> Settings:
     pixels = config.image_px * config.image_px
+    try:
+        return _bench_settings(config, model_dir, gpu, pixels)
+    except ValidationError as exc:  # e.g. --engine slots with CAPTION_MEMORY_MODE=lowvram
+        raise ConfigError(f"invalid configuration: {describe_errors(exc)}") from None
+
+
+def _bench_settings(config: BenchConfig, model_dir: Path, gpu: bool, pixels: int) -> Settings:
     return Settings(
         model=str(model_dir),
         dtype="bfloat16" if gpu else "float32",
