@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from typing import Any
@@ -29,11 +29,33 @@ def settle(runner: RowRunner, futures: Sequence[Future[Any]], timeout: float = 5
 
 
 @contextmanager
-def running(engine: Any, stop_timeout: float = 5.0, **limits: Any) -> Iterator[Batcher]:
+def running(
+    engine: Any,
+    stop_timeout: float = 5.0,
+    on_device_failure: Callable[[BaseException], None] | None = None,
+    **limits: Any,
+) -> Iterator[Batcher]:
     """A started Batcher over ``engine`` with ``BatchLimits(**limits)``; stopped on exit."""
-    batcher = Batcher(engine, BatchLimits(**limits))
+    batcher = Batcher(engine, BatchLimits(**limits), on_device_failure=on_device_failure)
     batcher.start()
     try:
         yield batcher
     finally:
         batcher.stop(timeout=stop_timeout)
+
+
+class RecordingGuard:
+    """Records crash accounting the way the Celery task's guard does: how often the row
+    entered a model call, and how many it is inside now."""
+
+    def __init__(self, suspect: bool = False) -> None:
+        self.suspect = suspect
+        self.inside = 0
+        self.entered = 0
+
+    def enter(self) -> None:
+        self.inside += 1
+        self.entered += 1
+
+    def exit(self) -> None:
+        self.inside -= 1

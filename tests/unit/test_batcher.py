@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.support.batching import running, settle  # noqa: E402
+from tests.support.batching import RecordingGuard, running, settle  # noqa: E402
 from tests.support.fake_engine import GREEDY, FakeEngine, item  # noqa: E402
 from tests.support.images import png_bytes  # noqa: E402
 from worker.batching.batcher import Batcher  # noqa: E402
@@ -299,25 +299,9 @@ def test_collate_left_pads_token_rows_and_stacks_image_rows(first_len: int) -> N
     assert tuple(batch["image_grid_thw"].shape) == (2, 3)
 
 
-class _Guard:
-    """Records crash accounting the way the Celery task's guard does."""
-
-    def __init__(self, suspect: bool) -> None:
-        self.suspect = suspect
-        self.inside = 0
-        self.entered = 0
-
-    def enter(self) -> None:
-        self.inside += 1
-        self.entered += 1
-
-    def exit(self) -> None:
-        self.inside -= 1
-
-
 def test_a_task_that_crashed_a_worker_before_runs_alone_and_is_accounted() -> None:
     model = FakeEngine()
-    guards = [_Guard(suspect=tag == 2) for tag in range(5)]
+    guards = [RecordingGuard(suspect=tag == 2) for tag in range(5)]
     with running(model, max_batch=8, wait_s=0.5) as batcher:
         with batcher.expect():
             futures = [
@@ -343,24 +327,18 @@ class BrokenDevice(FakeEngine):
 
 
 def test_a_device_failure_is_handed_over_while_its_rows_are_inside_the_call() -> None:
-    guards = [_Guard(suspect=False) for _ in range(3)]
+    guards = [RecordingGuard(suspect=False) for _ in range(3)]
     handed: list[tuple[str, list[int]]] = []
-    batcher = Batcher(
-        BrokenDevice(),
-        BatchLimits(max_batch=8, wait_s=0.5),
-        on_device_failure=lambda exc: handed.append(
-            (type(exc).__name__, [g.inside for g in guards])
-        ),
-    )
-    batcher.start()
-    try:
+
+    def hand_over(exc: BaseException) -> None:
+        handed.append((type(exc).__name__, [g.inside for g in guards]))
+
+    with running(BrokenDevice(), max_batch=8, wait_s=0.5, on_device_failure=hand_over) as batcher:
         with batcher.expect():
             futures = [
                 batcher.submit(item(t), time.monotonic() + LATER, guards[t]) for t in range(3)
             ]
         outcomes = settle(batcher, futures)
-    finally:
-        batcher.stop(timeout=5)
     # The worker's hook exits the process at the first call, the rows inside it: the exit
     # counts as a crash against each. (A hook that returns leaves them to fail.)
     assert handed[0] == ("AcceleratorError", [1, 1, 1])
@@ -369,14 +347,8 @@ def test_a_device_failure_is_handed_over_while_its_rows_are_inside_the_call() ->
 
 def test_an_ordinary_model_error_is_no_device_failure() -> None:
     handed: list[BaseException] = []
-    batcher = Batcher(
-        FakeEngine(poison_tags=[1]), BatchLimits(max_batch=8), on_device_failure=handed.append
-    )
-    batcher.start()
-    try:
+    with running(FakeEngine(poison_tags=[1]), on_device_failure=handed.append) as batcher:
         outcome = settle(batcher, [batcher.submit(item(1), time.monotonic() + LATER)])[0]
-    finally:
-        batcher.stop(timeout=5)
     assert isinstance(outcome, CaptionFailed)
     assert handed == []
 

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.support.batching import settle
+from tests.support.batching import RecordingGuard, settle
 from worker.batching.slot_runner import SlotRunner
 from worker.contract import GenerationOptions
 from worker.engine.base import CaptionOutput, FinishReason, PreparedInput
@@ -107,8 +107,8 @@ class FakeSlots:
 def make_runner() -> Iterator[Any]:
     runners: list[SlotRunner] = []
 
-    def make(engine: FakeSlots) -> SlotRunner:
-        runner = SlotRunner(cast(SlotEngine, engine))
+    def make(engine: FakeSlots, **hooks: Any) -> SlotRunner:
+        runner = SlotRunner(cast(SlotEngine, engine), **hooks)
         runner.start()
         runners.append(runner)
         return runner
@@ -290,19 +290,6 @@ def test_bulk_rows_alone_are_admitted_as_before(make_runner: Any) -> None:
     assert engine.peak_live == 3
 
 
-class _Guard:
-    """Counts how many model calls a row is inside, as the task's crash guard records."""
-
-    suspect = False
-    inside = 0
-
-    def enter(self) -> None:
-        self.inside += 1
-
-    def exit(self) -> None:
-        self.inside -= 1
-
-
 class BrokenDeviceSlots(FakeSlots):
     """The device fails in the third decode step, as CUDA does after an illegal access."""
 
@@ -316,36 +303,31 @@ class BrokenDeviceSlots(FakeSlots):
         return super().step()
 
 
-def test_a_device_failure_is_handed_over_while_the_live_rows_are_inside_the_model() -> None:
+def test_a_device_failure_is_handed_over_while_the_live_rows_are_inside_the_model(
+    make_runner: Any,
+) -> None:
     handed: list[tuple[str, list[int]]] = []
-    guards = [_Guard() for _ in range(3)]
-    runner = SlotRunner(
-        cast(SlotEngine, BrokenDeviceSlots(slots=4)),
-        on_device_failure=lambda exc: handed.append(
-            (type(exc).__name__, [g.inside for g in guards])
-        ),
-    )
-    runner.start()
-    try:
-        far = time.monotonic() + 30
-        with runner._cond:
-            futures = [runner.submit(row(i, tokens=8), far, guards[i]) for i in range(3)]
-        settle(runner, futures, timeout=10)
-    finally:
-        runner.stop(timeout=5)
+    guards = [RecordingGuard() for _ in range(3)]
+
+    def hand_over(exc: BaseException) -> None:
+        handed.append((type(exc).__name__, [g.inside for g in guards]))
+
+    runner = make_runner(BrokenDeviceSlots(slots=4), on_device_failure=hand_over)
+    far = time.monotonic() + 30
+    with runner._cond:
+        futures = [runner.submit(row(i, tokens=8), far, guards[i]) for i in range(3)]
+    settle(runner, futures, timeout=10)
     # The worker's hook exits the process here, its rows still inside the call: the exit
     # counts as a crash against each. (A hook that returns leaves the rows to fail.)
     assert handed == [("AcceleratorError", [1, 1, 1])]
 
 
-def test_an_ordinary_model_error_is_the_rows_own_and_not_a_device_failure() -> None:
+def test_an_ordinary_model_error_is_the_rows_own_and_not_a_device_failure(
+    make_runner: Any,
+) -> None:
     handed: list[BaseException] = []
-    runner = SlotRunner(cast(SlotEngine, FakeSlots(slots=2)), on_device_failure=handed.append)
-    runner.start()
-    try:
-        far = time.monotonic() + 30
-        broken = settle(runner, [runner.submit(row(BROKEN_TAG), far)], timeout=10)[0]
-    finally:
-        runner.stop(timeout=5)
+    runner = make_runner(FakeSlots(slots=2), on_device_failure=handed.append)
+    far = time.monotonic() + 30
+    broken = settle(runner, [runner.submit(row(BROKEN_TAG), far)], timeout=10)[0]
     assert isinstance(broken, CaptionFailed)
     assert handed == []

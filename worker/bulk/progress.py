@@ -14,12 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from worker.bulk.state import FINAL_STATES, RUNNING
 from worker.errors import CaptionError
 
-#: States after which a run's numbers never change again.
-TERMINAL_STATES = frozenset({"done", "cancelled"})
-#: The state a run has while shards are being captioned; render names every other one.
-RUNNING = "running"
 #: A log (not a tty) gets at most one line per this many poll intervals.
 LOG_EVERY_INTERVALS = 5
 #: ANSI "erase to end of line": a shorter redraw leaves no tail of the previous one.
@@ -192,7 +189,7 @@ def watch(
                 sleep(interval_s)
                 continue
             failures = 0
-            final = status.get("state") in TERMINAL_STATES
+            final = status.get("state") in FINAL_STATES
             view.show(status, render(status, width), final)
             if final:
                 return status

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 from worker.bulk.errors import SourceNotFound
 from worker.bulk.identity import RunConfig
-from worker.bulk.lease import ShardLease
+from worker.bulk.lease import LeaseLedger, ShardLease
 from worker.bulk.plan import WRITE_ALLOWLIST, check_bucket
 from worker.bulk.retries import with_retries
 from worker.bulk.runfiles import Line, RunFiles
@@ -51,20 +51,15 @@ CHECKPOINT_EVERY = 100
 DOWNLOAD_WORKERS = 8
 
 
-class Ledger(Protocol):
-    """Where a run's counters and done shards are kept (``worker.bulk.state.RunState``)."""
+class Ledger(LeaseLedger, Protocol):
+    """Where a run's counters, done shards and leases are kept
+    (``worker.bulk.state.RunState``)."""
 
     def is_done(self, run_id: str, shard: int) -> bool: ...
 
     def state(self, run_id: str) -> str | None: ...
 
     def retrying(self, run_id: str, shard: int) -> bool: ...
-
-    def acquire(self, run_id: str, shard: int, holder: str, ttl_s: float) -> str | None: ...
-
-    def renew(self, run_id: str, shard: int, holder: str, ttl_s: float) -> bool: ...
-
-    def release(self, run_id: str, shard: int, holder: str) -> None: ...
 
     def checkpoint(self, run_id: str, shard: int, counts: dict[str, int]) -> None: ...
 
@@ -301,7 +296,6 @@ def execute_shard(
     checkpoint_every: int = CHECKPOINT_EVERY,
     workers: int = DOWNLOAD_WORKERS,
     should_stop: Callable[[], bool] = lambda: False,
-    sidecar_client: Any = None,
 ) -> ShardReport:
     """Run shard ``shard`` of the run in ``files`` to its output file, count it, and send
     the next shard of the window (``enqueue(shard, queue)``); the run's last shard writes
@@ -343,7 +337,7 @@ def execute_shard(
         if ledger.is_done(run_id, shard):  # finished between the first look and the lease
             return ShardReport("already-done", 0, 0, ShardCounts())
         cancelled = _CancelWatch(ledger, run_id)
-        job = _ShardJob(service, files, ledger, shard, workers, sidecar_client)
+        job = _ShardJob(service, files, ledger, shard, workers)
 
         def stop() -> bool:
             return should_stop() or lease.lost or cancelled()
@@ -410,7 +404,6 @@ class _ShardJob:
         ledger: Ledger,
         shard: int,
         workers: int,
-        sidecar_client: Any,
     ) -> None:
         self.files = files
         self.ledger = ledger
@@ -427,7 +420,7 @@ class _ShardJob:
             None
             if target is None
             else SidecarWriter(
-                sidecar_client if sidecar_client is not None else files.client,
+                files.client,
                 target,
                 allowed=settings.output_buckets,
                 retries=settings.storage_retries,

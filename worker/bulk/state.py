@@ -54,6 +54,7 @@ INT_FIELDS = (
 FLOAT_FIELDS = ("started_at", "finished_at", "cancelled_at")
 PLANNING, RUNNING, DONE, CANCELLED = "planning", "running", "done", "cancelled"
 #: States a run does not leave on its own.
+#: States after which a run's numbers never change again.
 FINAL_STATES = (DONE, CANCELLED)
 
 # The next shard to send that is not done yet (-1: none left), advancing next_shard past it.

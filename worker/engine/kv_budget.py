@@ -18,14 +18,19 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 
 
+def kv_bytes_per_token(text_config: Any, dtype_bytes: int) -> int:
+    """Bytes one token takes in a KV cache: keys and values of every decoder layer. The one
+    copy of this arithmetic (the slot budget below, ``loading.reserve_bytes`` and, through
+    it, doctor's estimate)."""
+    per_token = 2 * text_config.num_hidden_layers * text_config.num_key_value_heads
+    return int(per_token * text_config.head_dim * dtype_bytes)
+
+
 def kv_bytes_per_slot(model: Any, capacity: int) -> int:
-    """Bytes one slot of ``capacity`` tokens takes: keys and values of every decoder layer,
-    in the dtype the cache is allocated in (``qwen3vl.StaticKVCache``)."""
+    """Bytes one slot of ``capacity`` tokens takes, in the dtype the cache is allocated in
+    (``qwen3vl.StaticKVCache``)."""
     text = model.model.language_model
-    config = text.config
-    itemsize = text.norm.weight.element_size()
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-    return int(per_token * itemsize * capacity)
+    return kv_bytes_per_token(text.config, text.norm.weight.element_size()) * capacity
 
 
 def free_device_bytes(device: str) -> int | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from worker.engine.base import ModelInfo
 from worker.engine.catalogue import resolve_model
+from worker.engine.kv_budget import kv_bytes_per_token
 from worker.engine.weights import check_fit, convert
 from worker.errors import CaptionError, ModelLoadError
 from worker.settings import Settings
@@ -153,8 +154,6 @@ def _quantization(model: Any) -> dict[str, Any]:
 def reserve_bytes(model: Any, settings: Settings) -> int:
     """Device memory to keep free beyond the weights: the slot engine's KV cache (or one
     batch's worth of it) and a margin for activations."""
-    text = model.config.text_config
     dtype_bytes = 4 if settings.dtype == "float32" else 2
-    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * dtype_bytes
-    tokens = settings.slot_count * settings.slot_capacity
-    return int(per_token * tokens + ACTIVATION_MARGIN_BYTES)
+    per_token = kv_bytes_per_token(model.config.text_config, dtype_bytes)
+    return per_token * settings.slot_count * settings.slot_capacity + ACTIVATION_MARGIN_BYTES

@@ -12,6 +12,7 @@ here per slot, never on the model object.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,8 @@ def prefill(model: Any, rows: list[dict[str, Any]], pad_id: int) -> tuple[list[P
     # from their own image grids, and clear them after, so nothing leaks into the next call.
     model.model.rope_deltas = None
     try:
-        out = model(**inputs, **{_cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
+        given = {_cache_argument(model.__class__): cache}
+        out = model(**inputs, **given, use_cache=True, logits_to_keep=1)
         deltas = [int(d) for d in model.model.rope_deltas[:, 0].tolist()]
     finally:
         model.model.rope_deltas = None
@@ -90,11 +92,13 @@ def prefill(model: Any, rows: list[dict[str, Any]], pad_id: int) -> tuple[list[P
     return [Prefilled(logits[i], lengths[i], deltas[i]) for i in range(len(rows))], cache
 
 
-def _cache_argument(model: Any) -> str:
+@functools.cache
+def _cache_argument(model_type: Any) -> str:
     """The name ``forward`` takes the KV cache under: ``past_key_values`` up to transformers
     5.2x, ``cache`` after. An unknown name would be swallowed by ``**kwargs`` and the model
-    would fill a cache of its own, so ask the signature rather than guess."""
-    parameters = inspect.signature(model.forward).parameters
+    would fill a cache of its own, so ask the signature (once per model class) rather than
+    guess."""
+    parameters = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 

@@ -140,11 +140,11 @@ class SlotEngine:
             deltas = -torch.minimum(torch.randint(0, 1_024, (n,), generator=seeded), lengths)
             tokens, lengths, deltas = (t.to(self._device) for t in (tokens, lengths, deltas))
             rows = torch.arange(n, device=self._device)
-            expected = self._eager_step(tokens, lengths, deltas, keys).float()
+            expected = self._eager_step(tokens, lengths, deltas, keys)
             written = (keys_out[rows, :, lengths].clone(), values_out[rows, :, lengths].clone())
             keys_out[rows, :, lengths] = 0
             values_out[rows, :, lengths] = 0
-            got = self.graphs(tokens, lengths, deltas, keys).float()
+            got = self.graphs(tokens, lengths, deltas, keys)
             for what, a, b in (
                 ("logits", got, expected),
                 ("keys", keys_out[rows, :, lengths], written[0]),

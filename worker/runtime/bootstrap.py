@@ -52,16 +52,16 @@ def load_engine(settings: Settings) -> CaptionEngine:
 
     if isinstance(engine, SlotEngine):
         return engine  # the factory built the slot engine itself (fault-injection tests)
-    if not isinstance(engine, GenerateEngine) and "engine" not in settings.model_fields_set:
-        # A custom factory's own engine, from before slots were the default: serve it the
-        # way it was written for rather than refuse to start.
-        log.info(
-            "%s returned a %s, which the slot engine cannot wrap: serving whole batches",
-            settings.engine_factory,
-            type(engine).__name__,
-        )
-        return engine
     if not isinstance(engine, GenerateEngine):
+        if "engine" not in settings.model_fields_set:
+            # A custom factory's own engine, from before slots were the default: serve it
+            # the way it was written for rather than refuse to start.
+            log.info(
+                "%s returned a %s, which the slot engine cannot wrap: serving whole batches",
+                settings.engine_factory,
+                type(engine).__name__,
+            )
+            return engine
         raise ConfigError(
             f"CAPTION_ENGINE=slots needs CAPTION_ENGINE_FACTORY ({settings.engine_factory}) "
             "to return a GenerateEngine"
