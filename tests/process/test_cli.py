@@ -114,3 +114,16 @@ def test_bench_engine_mode_prints_the_figures_and_the_machine(tmp_path: Path) ->
         assert figures["p95_latency_s"] >= figures["p50_latency_s"] > 0
     assert report["engine"]["batched"]["batch"] == 3
     assert report["engine"]["peak_memory_gib"] > 0
+
+
+def test_bench_with_a_refused_engine_and_memory_mode_prints_one_error_line() -> None:
+    out = run(
+        "bench", "--mode", "engine", "--tasks", "1", "--new-tokens", "1", "--no-single",
+        env={"CAPTION_MEMORY_MODE": "lowvram"},
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert "ConfigError" in line and "CAPTION_MEMORY_MODE=gpu" in line
+    assert "CAPTION_ENGINE=generate" in line
+    assert out.stdout == ""
